@@ -1,0 +1,60 @@
+# memascend — set-up, tests, demo and benchmarks.
+#
+# `make demo` and `make test` do all the set-up on a fresh machine: system packages when
+# missing (as root; otherwise they print what to run), a .venv, torch (pinned to the CPU
+# build that lies on this machine's disk), and the package with its native build. The
+# install step is idempotent and fast when nothing changed (a stamp file tracks inputs).
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.memascend-installed
+NATIVE_SRC := $(wildcard native/*.c native/*.h) memascend/_native/build.py setup.py pyproject.toml
+SYS_PKGS := liburing-dev
+
+.PHONY: install sysdeps demo test test-python native-test asan bench clean
+
+install: sysdeps $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(SYS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "note: missing system packages:$$missing; run: sudo apt-get install -y$$missing"; \
+	  fi; \
+	fi
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VPY) $(NATIVE_SRC)
+	$(VPY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	$(VPY) -m pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.15"
+	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	$(VPY) -c "import memascend._native._lib"
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/memascend demo
+
+native-test:
+	$(MAKE) -s -C native test
+
+asan:
+	$(MAKE) -s -C native asan
+
+test-python: install
+	$(VPY) -m pytest -q
+
+test: install native-test asan test-python
+
+bench: install
+	$(VPY) bench/pool_overhead.py --json bench/pool_overhead.json
+
+clean:
+	$(MAKE) -s -C native clean
+	rm -rf build memascend/_native/_lib*.so memascend/_native/*.c memascend/_native/*.o *.egg-info

@@ -1,0 +1,111 @@
+"""Configuration plumbing shared by every component.
+
+Each component has one frozen dataclass of options with a documented default per field.
+``from_env`` builds it from ``MEMASCEND_<SECTION>_<FIELD>`` environment variables, then
+applies explicit keyword arguments on top (explicit wins). Unknown keys are errors, both in
+keyword arguments and in ``MEMASCEND_<SECTION>_*`` variables, so a misspelt option never goes
+silently unused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Mapping, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Parse a byte count: an int, or a string such as ``"64MiB"``, ``"1.5GB"``, ``"4096"``.
+
+    Raises
+    ------
+    ConfigError
+        The value is not a non-negative size; the message names ``key``.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a byte count, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a byte count, got {value!r}")
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+             "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4,
+             "tb": 1000**4, "tib": 1 << 40}
+    s = value.strip().lower().replace("_", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = s[len(num):].strip()
+    try:
+        n = float(num)
+    except ValueError:
+        raise ConfigError(key, f"cannot parse size {value!r}") from None
+    if unit not in units or n < 0:
+        raise ConfigError(key, f"cannot parse size {value!r} (units: B, KiB, MiB, GiB, KB, MB, GB)")
+    return int(n * units[unit])
+
+
+def _coerce(cls: type, field: dataclasses.Field, raw: str, key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    typ = hints.get(field.name, str)
+    text = raw.strip()
+    if typ is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(key, f"expected a boolean, got {raw!r}")
+    args = typing.get_args(typ) or (typ,)
+    if int in args:
+        if text.lower() in ("", "none") and type(None) in args:
+            return None
+        return parse_size(key, text)
+    return text
+
+
+def from_env(cls: type[T], section: str, overrides: Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from its defaults, ``MEMASCEND_<SECTION>_*`` variables, then overrides.
+
+    Parameters
+    ----------
+    cls:
+        A frozen dataclass of options.
+    section:
+        The upper-case section name in the variable names, e.g. ``"POOL"``.
+    overrides:
+        Explicit options; ``None`` values mean "not given".
+    environ:
+        The environment to read (default ``os.environ``).
+
+    Raises
+    ------
+    ConfigError
+        An unknown option or variable, or a value the dataclass rejects.
+    """
+    environ = os.environ if environ is None else environ
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    prefix = f"MEMASCEND_{section}_"
+    for var, raw in environ.items():
+        if not var.startswith(prefix):
+            continue
+        name = var[len(prefix):].lower()
+        if name not in names:
+            raise ConfigError(var, f"unknown option; known: {', '.join(sorted(names))}")
+        values[name] = _coerce(cls, names[name], raw, var)
+    for name, value in (overrides or {}).items():
+        if name not in names:
+            raise ConfigError(name, f"unknown option; known: {', '.join(sorted(names))}")
+        if value is not None:
+            values[name] = value
+    return cls(**values)
