@@ -55,8 +55,11 @@ class PoolConfig:
         Leases of at least this many bytes get an exact-size arena of their own
         (default 256 KiB).
     retain_bytes:
-        Empty shared arenas kept mapped up to this many bytes, to avoid re-mapping churn
-        (default 0: every empty arena goes back to the OS at once).
+        Empty shared arenas kept mapped up to this many bytes (default 1 MiB), so a loop
+        leasing and releasing small buffers does not map, lock and unmap an arena each time
+        (about 0.2 ms a pair without it, 0.1 µs with it). Exact-size arenas of large leases
+        are never retained. 0 returns every empty arena to the OS at once; ``trim()`` does so
+        on demand.
     limit_bytes:
         Cap on reserved bytes; a lease beyond it raises PoolExhaustedError (default: none).
     populate:
@@ -70,7 +73,7 @@ class PoolConfig:
     alignment: int = 4096
     arena_bytes: int = 4 << 20
     large_threshold: int = 256 << 10
-    retain_bytes: int = 0
+    retain_bytes: int = 1 << 20
     limit_bytes: int | None = None
     populate: bool = True
     register: bool = True
@@ -415,7 +418,7 @@ class PinnedPool:
         page = max(os.sysconf("SC_PAGE_SIZE"), a)
         if size >= self.config.large_threshold:
             return -(-size // page) * page
-        return -(-max(self.stats().reserved, self.config.large_threshold) // page) * page
+        return -(-self.config.large_threshold // page) * page  # at least; up to arena_bytes
 
     # ---- native callbacks (pool mutex held: no pool calls in here) ----
     def _on_map(self, base: int, size: int, locked: int) -> int:

@@ -51,7 +51,9 @@ typedef struct ma_pool_config {
     int lock_mode;          /* enum ma_lock_mode */
     size_t arena_bytes;     /* largest size of one shared arena (rounded up to the page size) */
     size_t large_threshold; /* requests >= this get an exact-size arena of their own */
-    size_t retain_bytes;    /* empty shared arenas kept mapped, in bytes (0: return at once) */
+    size_t retain_bytes;    /* empty shared arenas kept mapped, in bytes (0: return at once);
+                             * default 1 MiB, so a lease/release loop of small buffers does
+                             * not map, lock and unmap an arena each time */
     size_t limit_bytes;     /* cap on reserved bytes (0: no cap) */
     int populate;           /* prefault arenas when mapped (mlock prefaults anyway) */
 } ma_pool_config_t;
@@ -93,7 +95,7 @@ typedef int (*ma_map_hook_fn)(void *ctx, void *base, size_t size, int locked);
 typedef void (*ma_unmap_hook_fn)(void *ctx, void *base, size_t size);
 
 /* Fill *cfg with the defaults: alignment 4096, MA_LOCK_AUTO, shared arenas up to 4 MiB,
- * 256 KiB large threshold, no retain, no limit, populate on. */
+ * 256 KiB large threshold, 1 MiB retain, no limit, populate on. */
 void ma_pool_config_default(ma_pool_config_t *cfg);
 
 /* Create a pool. -EINVAL for a bad config (alignment not a power of two in range, zero arena

@@ -90,7 +90,7 @@ void ma_pool_config_default(ma_pool_config_t *cfg)
     cfg->lock_mode = MA_LOCK_AUTO;
     cfg->arena_bytes = 4u << 20;
     cfg->large_threshold = 256u << 10;
-    cfg->retain_bytes = 0;
+    cfg->retain_bytes = 1u << 20;
     cfg->limit_bytes = 0;
     cfg->populate = 1;
 }
@@ -175,9 +175,12 @@ static void fl_remove(ma_pool_t *p, ma_block_t *b)
 /* ---- arenas ---- */
 static void *map_aligned(const ma_pool_t *p, size_t size, int *err)
 {
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (p->cfg.populate ? MAP_POPULATE : 0);
     size_t align = p->cfg.alignment > p->page ? p->cfg.alignment : p->page;
     size_t span = size + (align - p->page);
+    /* Over-mapped spans are trimmed first and populated after, so the trimmed padding is
+     * never faulted in. */
+    int populate_now = p->cfg.populate && span == size;
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (populate_now ? MAP_POPULATE : 0);
     char *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (raw == MAP_FAILED) {
         *err = errno;
@@ -187,6 +190,8 @@ static void *map_aligned(const ma_pool_t *p, size_t size, int *err)
     if (base > raw) munmap(raw, (size_t)(base - raw));
     char *end = base + size, *rend = raw + span;
     if (rend > end) munmap(end, (size_t)(rend - end));
+    if (p->cfg.populate && !populate_now)
+        for (size_t off = 0; off < size; off += p->page) ((volatile char *)base)[off] = 0;
     return base;
 }
 
@@ -260,7 +265,6 @@ static ma_arena_t *new_arena(ma_pool_t *p, size_t size, int shared, ma_lease_t *
                 *rc = -err;
                 return NULL;
             }
-            p->st.lock_failures += 1;
         }
     }
     if (p->on_map) {
@@ -275,6 +279,7 @@ static ma_arena_t *new_arena(ma_pool_t *p, size_t size, int shared, ma_lease_t *
             return NULL;
         }
     }
+    if (p->cfg.lock_mode != MA_LOCK_OFF && !a->locked) p->st.lock_failures += 1;
     if (shared) MA_POISON(a->base, size);
     b->arena = a;
     b->off = 0;

@@ -148,6 +148,19 @@ def test_close_with_live_leases(make_pool):
         pool.lease(1)
 
 
+def test_default_retain_keeps_one_small_arena(make_pool):
+    pool = make_pool(lock="off")
+    pool.lease(100).release()
+    pool.lease(100).release()
+    st = pool.stats()
+    assert st.arenas_mapped_total == 1 and st.retained == 256 << 10
+    with pool.lease(1 << 20):
+        pass
+    assert pool.stats().reserved == 256 << 10  # exact arenas are never retained
+    pool.trim()
+    assert pool.stats().reserved == 0
+
+
 def test_retain_and_trim(make_pool):
     pool = make_pool(lock="off", retain_bytes="1MiB")
     a = pool.lease(8192)
@@ -190,6 +203,7 @@ def test_registrar_sees_every_arena():
         assert pool.stats().registered_arenas == 3
         for lease in leases:
             lease.release()
+        pool.trim()
         assert reg.ranges == {}
     assert reg.registered_total == 3
 
@@ -237,5 +251,6 @@ def test_threads_share_a_pool(make_pool):
     for t in threads:
         t.join(timeout=60)
     assert not errors
+    pool.trim()
     st = pool.stats()
     assert st.leases == 0 and st.reserved == 0 and st.leases_total == 1200

@@ -25,6 +25,7 @@ def test_locked_bytes_equal_vmlck_growth():
             assert proc_status()["VmLck"] - base == pool.stats().locked
         for lease in leases[1::2]:
             lease.release()
+        pool.trim()
         assert pool.stats().locked == 0
     assert proc_status()["VmLck"] == base
 

@@ -30,6 +30,7 @@ int main(void)
     c.lock_mode = MA_LOCK_AUTO;
     c.arena_bytes = 4 << 20;
     c.large_threshold = 1 << 20;
+    c.retain_bytes = 0;
     ma_pool_t *p;
     CHECK_EQ(ma_pool_create(&c, &p), 0);
     long base = vmlck_kb();
