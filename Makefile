@@ -25,6 +25,7 @@ sysdeps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
 	    echo "note: missing system packages:$$missing; run: sudo apt-get install -y$$missing"; \
+	    echo "      (without liburing-dev the io_uring backend is not built; the portable one is used)"; \
 	  fi; \
 	fi
 
@@ -36,6 +37,13 @@ $(STAMP): $(VPY) $(NATIVE_SRC)
 	$(VPY) -m pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.15"
 	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
 	$(VPY) -c "import memascend._native._lib"
+	@# optional pyuring backend: its sdist cannot build against Debian's liburing 2.3, but it
+	@# ships a prebuilt library; this installs that offline (MACHINE.md). Failure is not fatal.
+	@$(VPY) -c "import pyuring" 2>/dev/null || \
+	  (cd /tmp && CC="sh -c 'cp pyuring/lib/liburingwrap.so build/liburingwrap.so' --" \
+	   $(CURDIR)/$(VPY) -m pip install -q --disable-pip-version-check --no-cache-dir "pyuring==0.3.3" \
+	   >/dev/null 2>&1 && echo "installed optional pyuring backend") || \
+	  echo "note: optional pyuring backend not installed; its tests will skip"
 	@touch $(STAMP)
 
 demo: install

@@ -55,7 +55,7 @@ if str(REPO) not in sys.path:
 
 from memascend import PinnedPool  # noqa: E402
 from memascend.errors import ConfigError  # noqa: E402
-from memascend.shapes import (available_presets, llama_parameter_shapes,  # noqa: E402
+from memascend.shapes import (llama_parameter_shapes,  # noqa: E402
                               load_model_config)
 from memascend.sysinfo import fmt_bytes, phys_bytes  # noqa: E402
 

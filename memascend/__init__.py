@@ -7,13 +7,20 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (ChecksumError, ConfigError, LeaseReleasedError, MemAscendError,
-                     MemoryLockError, NativeUnavailableError, PoolBusyError, PoolExhaustedError,
-                     ShortIOError, SwapIOError)
+from .errors import (BackendUnavailableError, ChecksumError, ConfigError, KeyNotFoundError,
+                     LeaseReleasedError, MemAscendError, MemoryLockError, NativeUnavailableError,
+                     PoolBusyError, PoolExhaustedError, ShortIOError, StoreLockedError,
+                     SwapIOError)
+from .engine import EngineConfig, EngineStats, IORequest, SwapEngine
+from .handle import SwapHandle, gather
 from .pool import Lease, PinnedPool, PoolConfig, PoolStats
+from .store import StoreConfig, StoreStats, SwapStore
 
 __all__ = [
     "__version__", "PinnedPool", "PoolConfig", "PoolStats", "Lease", "MemAscendError",
     "ConfigError", "NativeUnavailableError", "PoolExhaustedError", "MemoryLockError",
     "LeaseReleasedError", "PoolBusyError", "SwapIOError", "ShortIOError", "ChecksumError",
+    "KeyNotFoundError", "StoreLockedError", "BackendUnavailableError", "SwapEngine",
+    "EngineConfig", "EngineStats", "IORequest", "SwapHandle", "gather", "SwapStore",
+    "StoreConfig", "StoreStats",
 ]

@@ -1,6 +1,7 @@
 """The ``memascend`` command line.
 
-Subcommands: ``info`` (what this machine and process allow: native build, memlock, io_uring)
+Subcommands: ``info`` (what this machine and process allow: native build, memlock, io_uring,
+and which swap-engine backend ``auto`` picks and why)
 and ``demo`` (for now a pool self-check: it will run the SSD-offloaded training demo once
 that exists). Every command that reports numbers takes ``--json``. The library never prints;
 this module does. Bad input exits with status 2 and a one-line message.
@@ -45,6 +46,17 @@ def collect_info() -> dict[str, Any]:
         torch_version, cuda = None, False
     ok, detail = _probe_mlock()
     sysctl = io_uring_sysctl()
+    backends: dict[str, Any] = {}
+    chosen, reason = None, "native extension not built"
+    if _native.AVAILABLE:
+        from .engine import probe_backends
+
+        backends = {k: {"available": v[0], "detail": v[1]} for k, v in probe_backends().items()}
+        if backends["uring"]["available"]:
+            chosen, reason = "uring", backends["uring"]["detail"]
+        else:
+            chosen = "threads"
+            reason = "io_uring unusable: " + backends["uring"]["detail"]
     return {
         "version": __version__,
         "python": platform.python_version(),
@@ -66,9 +78,10 @@ def collect_info() -> dict[str, Any]:
         },
         "io_uring": {
             "sysctl_io_uring_disabled": sysctl,
-            "note": "the kernel sysctl only; the swap engine (and its backend probe) is not "
-                    "part of this version yet",
+            "built_with_liburing": bool(_native.AVAILABLE and _native.lib.MA_BUILT_WITH_URING),
         },
+        "engine": {"auto_backend": chosen, "reason": reason, "backends": backends},
+        "crc32c_hardware": bool(_native.AVAILABLE and _native.lib.ma_crc32c_hw()),
     }
 
 
@@ -88,7 +101,12 @@ def _print_info(info: dict[str, Any]) -> None:
               "counts lock failures")
     sysctl = info["io_uring"]["sysctl_io_uring_disabled"]
     state = {0: "enabled", 1: "restricted to a group", 2: "disabled", None: "unknown"}.get(sysctl, str(sysctl))
-    print(f"io_uring sysctl  : {state}  ({info['io_uring']['note']})")
+    print(f"io_uring sysctl  : {state}; native core built "
+          f"{'with' if info['io_uring']['built_with_liburing'] else 'WITHOUT'} liburing")
+    eng = info["engine"]
+    print(f"swap engine      : backend 'auto' -> {eng['auto_backend']} ({eng['reason']})")
+    for name, b in eng["backends"].items():
+        print(f"  {name:<15}: {'yes' if b['available'] else 'no '}  {b['detail']}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

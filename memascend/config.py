@@ -109,3 +109,21 @@ def from_env(cls: type[T], section: str, overrides: Mapping[str, Any] | None = N
         if value is not None:
             values[name] = value
     return cls(**values)
+
+
+def resolve(cls: type[T], section: str, config: T | None, overrides: Mapping[str, Any]) -> T:
+    """The options a component runs with.
+
+    With ``config`` given: its fields, with non-None ``overrides`` on top (the environment is
+    not read: an explicit config is complete). Without: :func:`from_env`. Unknown override
+    names raise :class:`ConfigError` either way.
+    """
+    if config is None:
+        return from_env(cls, section, overrides)
+    base = dataclasses.asdict(config)
+    for name in overrides:
+        if name not in base:
+            raise ConfigError(name, f"unknown {section.lower()} option; known: "
+                                    f"{', '.join(sorted(base))}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**base)

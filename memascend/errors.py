@@ -50,6 +50,10 @@ class PoolBusyError(MemAscendError, RuntimeError):
     """The pool was closed while leases were still live."""
 
 
+class BackendUnavailableError(MemAscendError, RuntimeError):
+    """An I/O backend was asked for by name but cannot run here; the message says why."""
+
+
 class SwapIOError(MemAscendError, OSError):
     """An I/O request failed; carries errno, path, offset, nbytes and the tensor key."""
 
@@ -76,3 +80,24 @@ class ShortIOError(SwapIOError):
 
 class ChecksumError(MemAscendError):
     """Bytes read back do not match the checksum recorded when they were written."""
+
+    def __init__(self, message: str, *, key: str, path: str, offset: int, nbytes: int,
+                 expected: int, actual: int):
+        super().__init__(message)
+        self.key = key
+        self.path = path
+        self.offset = offset
+        self.nbytes = nbytes
+        self.expected = expected
+        self.actual = actual
+
+
+class KeyNotFoundError(MemAscendError, KeyError):
+    """A key was asked of a swap store that does not hold it."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "key not found"
+
+
+class StoreLockedError(MemAscendError, RuntimeError):
+    """Another process (or object) has the swap store open."""

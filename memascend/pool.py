@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import _native
-from .config import from_env, parse_size
+from .config import from_env, parse_size, resolve
 from .errors import (ConfigError, LeaseReleasedError, MemoryLockError, PoolBusyError,
                      PoolExhaustedError)
 from .pinning import Registrar, default_registrar
@@ -304,15 +304,7 @@ class PinnedPool:
                  **options: Any):
         ffi, lib = _native.require()
         overrides = dict(options, lock=lock, alignment=alignment)
-        if config is not None:
-            base = dataclasses.asdict(config)
-            base.update({k: v for k, v in overrides.items() if v is not None})
-            for k in options:
-                if k not in base:
-                    raise ConfigError(k, "unknown pool option")
-            config = PoolConfig(**base)
-        else:
-            config = PoolConfig.from_env(**overrides)
+        config = resolve(PoolConfig, "POOL", config, overrides)
         self.config = config
         self.registrar: Registrar = registrar if registrar is not None else default_registrar()
         self._mu = threading.Lock()

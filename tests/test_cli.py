@@ -25,6 +25,11 @@ def test_info_json_reports_the_machine():
     assert isinstance(info["memory"]["physical_bytes"], int) and info["memory"]["physical_bytes"] > 0
     with open("/proc/sys/kernel/io_uring_disabled") as f:
         assert info["io_uring"]["sysctl_io_uring_disabled"] == int(f.read())
+    from memascend.engine import SwapEngine
+
+    with SwapEngine() as eng:
+        assert info["engine"]["auto_backend"] == eng.backend
+    assert info["engine"]["backends"]["threads"]["available"] is True
 
 
 def test_info_human(capsys):

@@ -1,0 +1,661 @@
+"""SwapStore: one swap area per tier, holding tensors by key, durable and checked.
+
+The area is a single preallocated regular file (grown with fallocate in ``grow_bytes`` steps
+up to ``capacity``) or a raw block device. An extent allocator places each tensor; a
+manifest (snapshot + journal, see :mod:`memascend.manifest`) maps keys to extents with their
+dtype, shape and CRC32C, so a store can be closed and reopened.
+
+Safety rules:
+- An overwrite goes to a *new* extent; the key switches to it only after every byte is
+  written, and the old extent is not reused before the next :meth:`sync`. After a crash,
+  reopening gives the old or the new version of each key, never a torn one. The price: an
+  overwrite needs room for both versions at once.
+- ENOSPC (file growth or write) raises :class:`~memascend.errors.SwapIOError` naming key,
+  path, offset and size; the source tensor is untouched and every stored key stays readable.
+- With ``checksum="crc32c"`` (default) every read is verified; a mismatch raises
+  :class:`~memascend.errors.ChecksumError` naming the key.
+- I/O is O_DIRECT: buffers, offsets and lengths aligned to 4096. Pool leases are used as they
+  are; other memory (any tensor, bytes) is bounced through aligned leases in chunks.
+- One process at a time: the metadata folder is locked (flock).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import os
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from . import _native
+from .config import from_env, parse_size, resolve
+from .engine import SwapEngine
+from .errors import (ChecksumError, ConfigError, KeyNotFoundError, StoreLockedError,
+                     SwapIOError)
+from .extents import ALIGN, ExtentAllocator, round_up
+from .handle import SwapHandle
+from .manifest import Entry, Manifest
+from .pool import Lease, PinnedPool
+
+CHECKSUMS = ("crc32c", "none")
+DIRECT = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Options of a :class:`SwapStore` (environment: ``MEMASCEND_STORE_<FIELD>``).
+
+    Attributes
+    ----------
+    capacity:
+        Most bytes the swap area may take (default: whatever the filesystem gives; for a
+        block device, its size).
+    checksum:
+        ``"crc32c"`` (default; verified on every read) or ``"none"``.
+    direct:
+        O_DIRECT: ``"auto"`` (default; falls back to buffered I/O where the filesystem
+        refuses it, e.g. tmpfs, and says so in ``store.direct``), ``"on"`` (error instead),
+        ``"off"``.
+    grow_bytes:
+        Growth step of a file-backed area (default 256 MiB).
+    bounce_bytes:
+        Chunk size for bouncing unaligned memory through aligned leases (default 8 MiB).
+    meta_dir:
+        Metadata folder (manifest, journal, lock). Default ``<path>.meta``; required for a
+        block device.
+    """
+
+    capacity: Optional[int] = None
+    checksum: str = "crc32c"
+    direct: str = "auto"
+    grow_bytes: int = 256 << 20
+    bounce_bytes: int = 8 << 20
+    meta_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.checksum not in CHECKSUMS:
+            raise ConfigError("checksum", f"must be one of {CHECKSUMS}, got {self.checksum!r}")
+        if self.direct not in DIRECT:
+            raise ConfigError("direct", f"must be one of {DIRECT}, got {self.direct!r}")
+        if self.capacity is not None:
+            object.__setattr__(self, "capacity", round_up(parse_size("capacity", self.capacity)))
+        for key in ("grow_bytes", "bounce_bytes"):
+            v = parse_size(key, getattr(self, key))
+            if v < ALIGN:
+                raise ConfigError(key, f"must be at least {ALIGN} bytes, got {v}")
+            object.__setattr__(self, key, round_up(v))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "StoreConfig":
+        """Defaults, then ``MEMASCEND_STORE_*`` variables, then ``overrides`` (not None)."""
+        return from_env(cls, "STORE", overrides)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """A snapshot of a store's counters (bytes unless named otherwise)."""
+
+    keys: int
+    area_bytes: int
+    used_bytes: int
+    free_bytes: int
+    quarantined_bytes: int
+    stored_bytes: int
+    writes: int
+    reads: int
+    write_errors: int
+    read_errors: int
+    checksum_failures: int
+    bounced_bytes: int
+    syncs: int
+    direct: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a plain dict."""
+        return dataclasses.asdict(self)
+
+
+def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
+    """CRC32C of ``nbytes`` at ``address`` (native, GIL released)."""
+    ffi, lib = _native.require()
+    c = ffi.new("uint32_t *", crc)
+    lib.ma_crc32c(c, ffi.cast("void *", address), nbytes)
+    return int(c[0])
+
+
+def _memory_of(obj: Any, writable: bool) -> tuple[int, int, Optional[int], Any, Any, Any]:
+    """``(address, nbytes, room, keepalive, dtype, shape)`` of a Lease, tensor or buffer.
+
+    ``room`` is how many bytes may be touched from ``address`` (a lease's rounded size), or
+    None when only ``nbytes`` may be.
+    """
+    if isinstance(obj, Lease):
+        mv = obj.memoryview()
+        return obj.address, obj.nbytes, obj.size, mv, None, None
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            raise ValueError(f"tensor on {obj.device}: the store moves host memory; copy it "
+                             "to a pinned lease first")
+        if not obj.is_contiguous():
+            raise ValueError("tensor is not contiguous; call .contiguous() first")
+        return (obj.data_ptr(), obj.numel() * obj.element_size(), None, obj,
+                str(obj.dtype).replace("torch.", ""), tuple(obj.shape))
+    ffi, _lib = _native.require()
+    mv = memoryview(obj)
+    if writable and mv.readonly:
+        raise ValueError("destination buffer is read-only")
+    cbuf = ffi.from_buffer(mv, require_writable=writable)
+    return int(ffi.cast("uintptr_t", cbuf)), mv.nbytes, None, (mv, cbuf), None, None
+
+
+class SwapStore:
+    """Tensors by key in one swap area (see the module docstring).
+
+    Parameters
+    ----------
+    path:
+        A regular file (created if missing) or a block device.
+    capacity, checksum:
+        See :class:`StoreConfig`; other fields as keyword options.
+    engine:
+        The :class:`SwapEngine` to use (default: a new one with ``backend="auto"``, closed
+        with the store).
+    pool:
+        Pinned pool for bounce buffers (default: a new ``PinnedPool(lock="auto")``).
+
+    Raises
+    ------
+    ConfigError
+        Bad options (e.g. a block device without ``meta_dir``).
+    StoreLockedError
+        Another process has the store open.
+    SwapIOError
+        The path cannot be opened, or refuses O_DIRECT with ``direct="on"``.
+    """
+
+    def __init__(self, path: str, capacity: Any = None, checksum: Optional[str] = None, *,
+                 engine: Optional[SwapEngine] = None, pool: Optional[PinnedPool] = None,
+                 config: Optional[StoreConfig] = None, **options: Any):
+        overrides = dict(options, capacity=capacity, checksum=checksum)
+        config = resolve(StoreConfig, "STORE", config, overrides)
+        self.config = config
+        self.path = os.path.abspath(path)
+        self._mu = threading.Condition()
+        self._closed = True
+        self._is_block = os.path.exists(self.path) and stat.S_ISBLK(os.stat(self.path).st_mode)
+        if self._is_block and not config.meta_dir:
+            raise ConfigError("meta_dir", f"{self.path} is a block device: give meta_dir, a "
+                                          "folder on a filesystem for the manifest")
+        self.meta_dir = os.path.abspath(config.meta_dir or self.path + ".meta")
+        self._manifest = Manifest(self.meta_dir)
+        self._lock_fd = os.open(os.path.join(self.meta_dir, "lock"), os.O_RDWR | os.O_CREAT,
+                                0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreLockedError(f"swap store {self.path} is open elsewhere (lock "
+                                   f"{self.meta_dir}/lock held)") from None
+        try:
+            self._open_area()
+            self._load()
+        except BaseException:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            if getattr(self, "_fd", -1) >= 0:
+                os.close(self._fd)
+            raise
+        self._own_engine = engine is None
+        self.engine = engine if engine is not None else SwapEngine()
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else PinnedPool(lock="auto")
+        self._file = self.engine.register_file(self._fd, self.path)
+        self._bg = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memascend-bounce")
+        self._pending = 0
+        self._readers: dict[int, int] = {}
+        self._deferred: list[tuple[int, int]] = []
+        self._quarantine: list[tuple[int, int]] = []
+        self._tombstones: dict[str, int] = {}  # key -> seq of its delete
+        self._counts = {"writes": 0, "reads": 0, "write_errors": 0, "read_errors": 0,
+                        "checksum_failures": 0, "bounced_bytes": 0, "syncs": 0}
+        self._closed = False
+
+    # ---- opening ----
+    def _open_area(self) -> None:
+        flags = os.O_RDWR | (0 if self._is_block else os.O_CREAT)
+        want_direct = self.config.direct != "off"
+        self.direct = False
+        fd = -1
+        if want_direct:
+            try:
+                fd = os.open(self.path, flags | os.O_DIRECT, 0o600)
+                self.direct = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or self.config.direct == "on":
+                    raise SwapIOError(exc.errno or errno.EIO,
+                                      f"cannot open swap area with O_DIRECT: {exc.strerror}"
+                                      + ("; this filesystem refuses O_DIRECT (tmpfs?): use "
+                                         "direct='auto' or 'off'" if exc.errno == errno.EINVAL
+                                         else ""), path=self.path) from exc
+        if fd < 0:
+            try:
+                fd = os.open(self.path, flags, 0o600)
+            except OSError as exc:
+                raise SwapIOError(exc.errno or errno.EIO, f"cannot open swap area: "
+                                  f"{exc.strerror}", path=self.path) from exc
+        self._fd = fd
+        if self._is_block:
+            self._device_size = os.lseek(fd, 0, os.SEEK_END) // ALIGN * ALIGN
+        else:
+            self._device_size = None
+
+    def _load(self) -> None:
+        try:
+            entries, header, seq = self._manifest.load()
+        except (ValueError, OSError) as exc:
+            raise SwapIOError(errno.EIO, f"cannot read the manifest: {exc}",
+                              path=self._manifest.snapshot_path) from exc
+        self._seq = seq
+        self._table: dict[str, Entry] = {}
+        if self._is_block:
+            size = self._device_size
+            if self.config.capacity:
+                size = min(size, self.config.capacity)
+        else:
+            size = os.fstat(self._fd).st_size // ALIGN * ALIGN
+        self._alloc = ExtentAllocator(size)
+        for e in sorted(entries.values(), key=lambda e: e.offset):
+            if e.offset + round_up(e.nbytes) > size:
+                self._manifest.dropped_lines += 1  # points past the area: cannot be ours
+                continue
+            self._alloc.reserve(e.offset, e.nbytes)
+            self._table[e.key] = e
+
+    # ---- helpers ----
+    def _err(self, code: int, msg: str, key: Optional[str], offset: Optional[int] = None,
+             nbytes: Optional[int] = None) -> SwapIOError:
+        return SwapIOError(code, msg, path=self.path, offset=offset, nbytes=nbytes, key=key)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"swap store {self.path} is closed")
+
+    def _allocate(self, key: str, nbytes: int) -> int:
+        """An extent for ``nbytes`` (store lock held): reuse, then quarantine, then grow."""
+        off = self._alloc.alloc(nbytes)
+        if off is None and self._quarantine:
+            self._sync_locked()
+            off = self._alloc.alloc(nbytes)
+        if off is not None:
+            return off
+        need = round_up(nbytes)
+        limit = self.config.capacity
+        if self._is_block:
+            raise self._err(errno.ENOSPC, f"no room for {nbytes} bytes on block device "
+                            f"({self._alloc.free_bytes} bytes free, fragmented or full)", key,
+                            nbytes=nbytes)
+        old = self._alloc.size
+        tail_free = 0
+        free = self._alloc.free_extents()
+        if free and free[-1][0] + free[-1][1] == old:
+            tail_free = free[-1][1]
+        new = old + max(self.config.grow_bytes, need - tail_free)
+        if limit is not None:
+            new = min(new, limit)
+            if new - old + tail_free < need:
+                hint = (f"; overwriting {key!r} needs room for the old and new version at "
+                        "once (crash safety)" if key in self._table else "")
+                raise self._err(errno.ENOSPC, f"store capacity {limit} bytes exhausted: "
+                                f"{self._alloc.used_bytes} used, cannot place {nbytes} bytes"
+                                + hint, key, nbytes=nbytes)
+        try:
+            os.posix_fallocate(self._fd, old, new - old)
+        except OSError as exc:
+            # The filesystem may have grown the file partly: keep only whole, known space.
+            try:
+                os.ftruncate(self._fd, old)
+            except OSError:
+                pass
+            raise self._err(exc.errno or errno.EIO, f"cannot grow swap area from {old} to "
+                            f"{new} bytes: {exc.strerror}", key, offset=old,
+                            nbytes=new - old) from exc
+        self._alloc.grow(new)
+        off = self._alloc.alloc(nbytes)
+        if off is None:  # cannot happen after growing by at least `need`
+            raise self._err(errno.ENOSPC, "allocation failed after growth", key, nbytes=nbytes)
+        return off
+
+    def _release_extent(self, offset: int, nbytes: int) -> None:
+        """An extent no key points to (lock held): quarantined until the next sync."""
+        if self._readers.get(offset):
+            self._deferred.append((offset, nbytes))
+        else:
+            self._quarantine.append((offset, nbytes))
+
+    def _sync_locked(self) -> None:
+        os.fsync(self._fd)
+        self._manifest.sync()
+        for off, n in self._quarantine:
+            self._alloc.free(off, n)
+        self._quarantine.clear()
+        self._counts["syncs"] += 1
+
+    def _begin(self) -> None:
+        with self._mu:
+            self._pending += 1
+
+    def _end(self) -> None:
+        with self._mu:
+            self._pending -= 1
+            self._mu.notify_all()
+
+    # ---- writing ----
+    def write(self, key: str, src: Any, *, dtype: Optional[str] = None,
+              shape: Optional[Iterable[int]] = None) -> SwapHandle:
+        """Store ``src`` (a Lease, a contiguous CPU tensor or a bytes-like) under ``key``.
+
+        The handle's result is the number of bytes stored. ``src`` must not change until the
+        handle is done. dtype/shape are recorded (taken from a tensor when not given).
+
+        Raises
+        ------
+        SwapIOError
+            No space (ENOSPC) or the area cannot grow; raised at once, nothing changed.
+        ValueError
+            Bad key or source.
+        """
+        self._check_open()
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty string, got {key!r}")
+        addr, nbytes, room, keep, t_dtype, t_shape = _memory_of(src, writable=False)
+        if nbytes <= 0:
+            raise ValueError(f"nothing to store for {key!r}: {nbytes} bytes")
+        dtype = dtype if dtype is not None else t_dtype
+        shape_t = tuple(int(s) for s in shape) if shape is not None else t_shape
+        crc = crc32c(addr, nbytes) if self.config.checksum == "crc32c" else None
+        with self._mu:
+            offset = self._allocate(key, nbytes)
+            self._seq += 1
+            seq = self._seq
+        entry = Entry(key, offset, nbytes, dtype, shape_t, crc, seq)
+        rounded = round_up(nbytes)
+        aligned = addr % ALIGN == 0
+        self._begin()
+        try:
+            if aligned and room is not None and room >= rounded:
+                inner = self.engine.write(self._file, addr, rounded, offset, key=key)
+            else:
+                inner = self._bounced(key, "write", addr, nbytes, offset, keep,
+                                      direct_len=nbytes // ALIGN * ALIGN if aligned else 0)
+        except BaseException:
+            with self._mu:
+                self._alloc.free(offset, nbytes)
+            self._end()
+            raise
+        out = SwapHandle(f"write of {key!r}")
+        inner.add_done_callback(lambda h: self._write_done(h, entry, out, keep))
+        return out
+
+    def _write_done(self, h: SwapHandle, entry: Entry, out: SwapHandle, keep: Any) -> None:
+        exc = h.exception(0)
+        try:
+            with self._mu:
+                if exc is not None:
+                    self._alloc.free(entry.offset, entry.nbytes)  # nothing points to it
+                    self._counts["write_errors"] += 1
+                else:
+                    cur = self._table.get(entry.key)
+                    newer = (cur is not None and cur.seq > entry.seq) or \
+                        self._tombstones.get(entry.key, 0) > entry.seq
+                    if newer:  # a newer write, or a delete issued after this write, won
+                        self._release_extent(entry.offset, entry.nbytes)
+                    else:
+                        self._manifest.append({"seq": entry.seq, "op": "put",
+                                               "entry": entry.to_json()})
+                        self._table[entry.key] = entry
+                        self._tombstones.pop(entry.key, None)
+                        if cur is not None:
+                            self._release_extent(cur.offset, cur.nbytes)
+                    self._counts["writes"] += 1
+        except OSError as err:
+            exc = self._err(err.errno or errno.EIO, f"journal append failed: {err}", entry.key,
+                            entry.offset, entry.nbytes)
+        finally:
+            self._end()
+        if exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(entry.nbytes)
+
+    def _bounced(self, key: str, op: str, addr: int, nbytes: int, offset: int, keep: Any,
+                 direct_len: int = 0) -> SwapHandle:
+        """Move ``nbytes`` through aligned bounce leases, in chunks, on a helper thread.
+
+        The first ``direct_len`` bytes (aligned memory, whole blocks) go directly.
+        """
+        out = SwapHandle(f"{op} of {key!r} (bounced)")
+        ffi, _lib = _native.require()
+
+        def run() -> None:
+            try:
+                if direct_len:
+                    if op == "write":
+                        self.engine.write(self._file, addr, direct_len, offset, key=key).wait()
+                    else:
+                        self.engine.read(self._file, addr, direct_len, offset, key=key).wait()
+                done = direct_len
+                chunk = self.config.bounce_bytes
+                while done < nbytes:
+                    n = min(chunk, nbytes - done)
+                    with self.pool.lease(round_up(n)) as lease:
+                        src = ffi.cast("char *", addr + done)
+                        dst = ffi.cast("char *", lease.address)
+                        if op == "write":
+                            ffi.memmove(dst, src, n)
+                            if round_up(n) > n:
+                                ffi.memmove(dst + n, b"\0" * (round_up(n) - n), round_up(n) - n)
+                            self.engine.write(self._file, lease.address, round_up(n),
+                                              offset + done, key=key).wait()
+                        else:
+                            self.engine.read(self._file, lease.address, round_up(n),
+                                             offset + done, key=key).wait()
+                            ffi.memmove(src, dst, n)
+                    done += n
+                with self._mu:
+                    self._counts["bounced_bytes"] += nbytes - direct_len
+                out.set_result(nbytes)
+            except BaseException as exc:
+                out.set_exception(exc)
+
+        self._bg.submit(run)
+        return out
+
+    # ---- reading ----
+    def read(self, key: str, dst: Any) -> SwapHandle:
+        """Read ``key`` into ``dst`` (a Lease, a contiguous CPU tensor or a writable buffer).
+
+        ``dst`` must hold at least the stored byte count. The handle's result is the number
+        of bytes read; with checksums on, a mismatch fails it with ChecksumError.
+
+        Raises
+        ------
+        KeyNotFoundError
+            The store does not hold ``key``.
+        ValueError
+            ``dst`` is too small or not writable.
+        """
+        self._check_open()
+        entry = self.info(key)
+        addr, cap, room, keep, _dt, _sh = _memory_of(dst, writable=True)
+        if cap < entry.nbytes:
+            raise ValueError(f"destination holds {cap} bytes, {key!r} has {entry.nbytes}")
+        rounded = round_up(entry.nbytes)
+        with self._mu:
+            self._readers[entry.offset] = self._readers.get(entry.offset, 0) + 1
+            self._pending += 1
+        aligned = addr % ALIGN == 0
+        space = room if room is not None else cap
+        if aligned and space >= rounded:
+            inner = self.engine.read(self._file, addr, rounded, entry.offset, key=key)
+        else:
+            inner = self._bounced(key, "read", addr, entry.nbytes, entry.offset, keep,
+                                  direct_len=entry.nbytes // ALIGN * ALIGN if aligned else 0)
+        out = SwapHandle(f"read of {key!r}")
+        inner.add_done_callback(lambda h: self._read_done(h, entry, addr, out, keep))
+        return out
+
+    def _read_done(self, h: SwapHandle, entry: Entry, addr: int, out: SwapHandle,
+                   keep: Any) -> None:
+        exc = h.exception(0)
+        if exc is None and entry.crc is not None:
+            actual = crc32c(addr, entry.nbytes)
+            if actual != entry.crc:
+                exc = ChecksumError(
+                    f"checksum mismatch for {entry.key!r} in {self.path} at offset "
+                    f"{entry.offset} ({entry.nbytes} bytes): stored {entry.crc:#010x}, read "
+                    f"{actual:#010x}", key=entry.key, path=self.path, offset=entry.offset,
+                    nbytes=entry.nbytes, expected=entry.crc, actual=actual)
+        with self._mu:
+            n = self._readers.get(entry.offset, 1) - 1
+            if n:
+                self._readers[entry.offset] = n
+            else:
+                self._readers.pop(entry.offset, None)
+                keep_deferred = []
+                for off, nb in self._deferred:
+                    (self._quarantine if off == entry.offset else keep_deferred).append((off, nb))
+                self._deferred = keep_deferred
+            self._counts["reads"] += 1
+            if exc is not None:
+                self._counts["read_errors"] += 1
+                if isinstance(exc, ChecksumError):
+                    self._counts["checksum_failures"] += 1
+            self._pending -= 1
+            self._mu.notify_all()
+        if exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(entry.nbytes)
+
+    def read_tensor(self, key: str) -> SwapHandle:
+        """Read ``key`` into a new torch tensor of its recorded dtype and shape.
+
+        Keys written from bytes have no dtype: they come back as a 1-D uint8 tensor.
+        """
+        import torch
+
+        e = self.info(key)
+        dtype = getattr(torch, e.dtype) if e.dtype else torch.uint8
+        shape = e.shape if e.shape is not None else (e.nbytes,)
+        t = torch.empty(shape, dtype=dtype)
+        out = SwapHandle(f"read of {key!r}")
+        self.read(key, t).add_done_callback(
+            lambda h: out.set_exception(h.exception(0)) if h.exception(0) else out.set_result(t))
+        return out
+
+    # ---- table ----
+    def info(self, key: str) -> Entry:
+        """The entry of ``key`` (offset, nbytes, dtype, shape, crc).
+
+        Raises
+        ------
+        KeyNotFoundError
+            Names the key and the store.
+        """
+        with self._mu:
+            e = self._table.get(key)
+        if e is None:
+            raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r} "
+                                   f"({len(self._table)} keys stored)")
+        return e
+
+    def keys(self) -> list[str]:
+        """The stored keys."""
+        with self._mu:
+            return list(self._table)
+
+    def __contains__(self, key: object) -> bool:
+        with self._mu:
+            return key in self._table
+
+    def __len__(self) -> int:
+        with self._mu:
+            return len(self._table)
+
+    def delete(self, key: str) -> None:
+        """Forget ``key``; its extent is reused after the next sync.
+
+        Raises
+        ------
+        KeyNotFoundError
+            The store does not hold ``key``.
+        """
+        self._check_open()
+        with self._mu:
+            e = self._table.pop(key, None)
+            if e is None:
+                raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r}")
+            self._seq += 1
+            self._manifest.append({"seq": self._seq, "op": "del", "key": key})
+            self._tombstones[key] = self._seq
+            self._release_extent(e.offset, e.nbytes)
+
+    def sync(self) -> None:
+        """Make everything written so far durable (fsync data and journal)."""
+        self._check_open()
+        with self._mu:
+            self._sync_locked()
+
+    def stats(self) -> StoreStats:
+        """A snapshot of the counters."""
+        with self._mu:
+            q = sum(round_up(n) for _o, n in self._quarantine + self._deferred)
+            return StoreStats(keys=len(self._table), area_bytes=self._alloc.size,
+                              used_bytes=self._alloc.used_bytes,
+                              free_bytes=self._alloc.free_bytes, quarantined_bytes=q,
+                              stored_bytes=sum(e.nbytes for e in self._table.values()),
+                              direct=self.direct, **self._counts)
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no read or write is in flight; False on timeout."""
+        with self._mu:
+            return self._mu.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        """Wait for in-flight I/O, write a manifest snapshot, release the area. Idempotent."""
+        if self._closed:
+            return
+        self.wait_idle()
+        self._bg.shutdown(wait=True)
+        with self._mu:
+            self._closed = True
+            try:
+                self._sync_locked()
+                self._manifest.compact(list(self._table.values()),
+                                       {"area_bytes": self._alloc.size}, self._seq)
+            finally:
+                self._manifest.close()
+                self.engine.unregister_file(self._file)
+                os.close(self._fd)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+        if self._own_engine:
+            self.engine.close()
+        if self._own_pool:
+            self.pool.close()
+
+    def __enter__(self) -> "SwapStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<SwapStore {self.path} keys={len(self)} closed={self._closed}>"
