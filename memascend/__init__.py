@@ -15,6 +15,7 @@ from .engine import EngineConfig, EngineStats, IORequest, SwapEngine
 from .handle import SwapHandle, gather
 from .pool import Lease, PinnedPool, PoolConfig, PoolStats
 from .store import StoreConfig, StoreStats, SwapStore
+from .swapper import SwapperConfig, SwapperStats, TensorSwapper
 
 __all__ = [
     "__version__", "PinnedPool", "PoolConfig", "PoolStats", "Lease", "MemAscendError",
@@ -22,5 +23,5 @@ __all__ = [
     "LeaseReleasedError", "PoolBusyError", "SwapIOError", "ShortIOError", "ChecksumError",
     "KeyNotFoundError", "StoreLockedError", "BackendUnavailableError", "SwapEngine",
     "EngineConfig", "EngineStats", "IORequest", "SwapHandle", "gather", "SwapStore",
-    "StoreConfig", "StoreStats",
+    "StoreConfig", "StoreStats", "TensorSwapper", "SwapperConfig", "SwapperStats",
 ]

@@ -13,9 +13,11 @@ Backends: ``uring`` (native io_uring ring), ``threads`` (portable ``preadv``/``p
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -25,6 +27,19 @@ from .handle import SwapHandle, gather
 from ._backends.common import FaultFn, Work
 
 BACKENDS = ("auto", "uring", "threads", "pyuring")
+
+# Engines still open at interpreter exit are closed first (in-flight I/O finishes and the
+# completion threads stop) so no callback runs while the interpreter is being torn down.
+_LIVE: "weakref.WeakSet[SwapEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for eng in list(_LIVE):
+        try:
+            eng.close()
+        except Exception:  # best effort at exit
+            pass
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,7 @@ class SwapEngine:
         self._counts = {"submitted": 0, "completed": 0, "errors": 0, "bytes_read": 0,
                         "bytes_written": 0}
         self._closed = False
+        _LIVE.add(self)
 
     # ---- files and buffers ----
     def register_file(self, fd: int, path: str) -> int:

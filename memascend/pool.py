@@ -171,6 +171,9 @@ class Lease:
         # finalizer gives the memory back to the native pool.
         self._buf: memoryview | None = memoryview(ffi.buffer(ffi.cast("char *", address), size))
         self._fin = weakref.finalize(self._buf, pool._free_native, address)
+        # Never at interpreter exit: in-flight I/O may still target this memory then, and
+        # the OS reclaims the mapping anyway.
+        self._fin.atexit = False
 
     @property
     def released(self) -> bool:
@@ -336,6 +339,7 @@ class PinnedPool:
                 lib.ma_pool_destroy(self._ptr)
                 raise OSError(-rc, f"ma_pool_set_hooks: {os.strerror(-rc)}")
         self._destroy = weakref.finalize(self, _destroy_native, self._ptr)
+        self._destroy.atexit = False  # see Lease: nothing is unmapped at interpreter exit
 
     # ---- leases ----
     def lease(self, nbytes: int) -> Lease:
@@ -497,6 +501,11 @@ class PinnedPool:
         if self._closed:
             return
         st = self.stats()
+        if st.leases and st.deferred_releases:
+            import gc
+
+            gc.collect()  # views held only by reference cycles (e.g. tracebacks) go away
+            st = self.stats()
         if st.leases:
             raise PoolBusyError(
                 f"cannot close the pool: {st.leases} leases ({st.in_use} bytes) are live, "

@@ -358,11 +358,12 @@ class SwapStore:
 
     # ---- writing ----
     def write(self, key: str, src: Any, *, dtype: Optional[str] = None,
-              shape: Optional[Iterable[int]] = None) -> SwapHandle:
+              shape: Optional[Iterable[int]] = None, nbytes: Optional[int] = None) -> SwapHandle:
         """Store ``src`` (a Lease, a contiguous CPU tensor or a bytes-like) under ``key``.
 
         The handle's result is the number of bytes stored. ``src`` must not change until the
         handle is done. dtype/shape are recorded (taken from a tensor when not given).
+        ``nbytes`` stores only the first ``nbytes`` of ``src`` (e.g. a recycled lease).
 
         Raises
         ------
@@ -374,7 +375,11 @@ class SwapStore:
         self._check_open()
         if not isinstance(key, str) or not key:
             raise ValueError(f"key must be a non-empty string, got {key!r}")
-        addr, nbytes, room, keep, t_dtype, t_shape = _memory_of(src, writable=False)
+        addr, have, room, keep, t_dtype, t_shape = _memory_of(src, writable=False)
+        if nbytes is None:
+            nbytes = have
+        elif not 0 < nbytes <= have:
+            raise ValueError(f"nbytes={nbytes} for {key!r}, but the source holds {have} bytes")
         if nbytes <= 0:
             raise ValueError(f"nothing to store for {key!r}: {nbytes} bytes")
         dtype = dtype if dtype is not None else t_dtype
@@ -543,6 +548,35 @@ class SwapStore:
             out.set_exception(exc)
         else:
             out.set_result(entry.nbytes)
+
+    def read_range(self, key: str, dst: Lease, start: int, nbytes: int) -> SwapHandle:
+        """Read bytes ``[start, start+nbytes)`` of ``key`` into the lease ``dst`` (unverified).
+
+        For streaming a large tensor through a small buffer; ``start`` must be a multiple of
+        4096 and ``dst`` must hold ``nbytes`` rounded up to 4096. The caller verifies the
+        checksum over all pieces (``crc32c(addr, n, crc)`` chains) against ``info(key).crc``.
+
+        Raises
+        ------
+        KeyNotFoundError, ValueError
+            Unknown key; a range outside the tensor, a misaligned start, a small buffer.
+        """
+        self._check_open()
+        entry = self.info(key)
+        if start % ALIGN or start < 0 or nbytes <= 0 or start + nbytes > entry.nbytes:
+            raise ValueError(f"range {start}+{nbytes} of {key!r} ({entry.nbytes} bytes): start "
+                             f"must be a multiple of {ALIGN} and the range inside the tensor")
+        if not isinstance(dst, Lease) or dst.size < round_up(nbytes):
+            raise ValueError(f"read_range needs a lease of at least {round_up(nbytes)} bytes")
+        with self._mu:
+            self._readers[entry.offset] = self._readers.get(entry.offset, 0) + 1
+            self._pending += 1
+        inner = self.engine.read(self._file, dst.address, round_up(nbytes),
+                                 entry.offset + start, key=key)
+        out = SwapHandle(f"read of {key!r}[{start}:{start + nbytes}]")
+        unverified = dataclasses.replace(entry, crc=None, nbytes=nbytes)  # result: range size
+        inner.add_done_callback(lambda h: self._read_done(h, unverified, dst.address, out, dst))
+        return out
 
     def read_tensor(self, key: str) -> SwapHandle:
         """Read ``key`` into a new torch tensor of its recorded dtype and shape.

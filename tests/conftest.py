@@ -1,7 +1,13 @@
-"""Shared fixtures: pools that are always closed, and /proc readings."""
+"""Shared fixtures: pools that are always closed; small swap-file growth for tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Swap stores grow in 256 MiB steps by default; tests make many small stores, so keep each
+# one small (explicit grow_bytes= arguments still win).
+os.environ.setdefault("MEMASCEND_STORE_GROW_BYTES", "4MiB")
 
 from memascend import PinnedPool
 

@@ -1,0 +1,105 @@
+"""The swapper's buffer pool: pinned leases recycled per size class, under a byte budget.
+
+Every buffer the swapper uses is a lease from a :class:`~memascend.pool.PinnedPool`, sized
+exactly (rounded to 4096) for a real tensor, never a fixed slot. A freed buffer goes to the
+free list of its size class and serves the next tensor of that size without a new mapping.
+A free buffer of another class may serve a request if it is at most ``slack`` (default 1/4)
+larger: a little internal waste is far cheaper than mapping, populating and locking a new
+arena (about 0.7 ms per MiB). The sum of all leases held — in use and free — never exceeds
+``budget_bytes``; when a new size is needed and the budget is full, free buffers of other
+sizes are returned to the pool first.
+Deciding what to evict, and waiting, is the swapper's job: this class never blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .extents import round_up
+from .pool import Lease, PinnedPool
+
+
+@dataclass
+class BufferStats:
+    """Counters of a :class:`BufferPool` (bytes unless named otherwise)."""
+
+    pinned_bytes: int = 0       # held leases, in use or free
+    pinned_peak: int = 0
+    free_bytes: int = 0         # held but on free lists
+    leases_created: int = 0
+    leases_reused: int = 0
+    leases_returned: int = 0    # given back to the pinned pool to make room
+
+
+class BufferPool:
+    """Budgeted, size-class-recycled leases (see module docstring). Not thread-safe: the
+    swapper calls it under its own lock.
+
+    Parameters
+    ----------
+    pool:
+        Where leases come from.
+    budget_bytes:
+        Most bytes held at once.
+    """
+
+    def __init__(self, pool: PinnedPool, budget_bytes: int, slack: float = 0.25):
+        self.pool = pool
+        self.budget = budget_bytes
+        self.slack = slack
+        self._free: dict[int, list[Lease]] = {}
+        self.stats = BufferStats()
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        """The size class of a tensor of ``nbytes``: rounded up to 4096."""
+        return round_up(nbytes)
+
+    def try_acquire(self, nbytes: int) -> Lease | None:
+        """A buffer of at least ``nbytes`` (its size class, or a free one up to ``slack``
+        larger), or None if the budget is full."""
+        size = self.size_class(nbytes)
+        fit = size if self._free.get(size) else min(
+            (s for s, lst in self._free.items() if lst and size < s <= size * (1 + self.slack)),
+            default=None)
+        if fit is not None:
+            self.stats.free_bytes -= fit
+            self.stats.leases_reused += 1
+            return self._free[fit].pop()
+        if self.stats.pinned_bytes + size > self.budget:
+            self._shed(self.stats.pinned_bytes + size - self.budget, keep=size)
+        if self.stats.pinned_bytes + size > self.budget:
+            return None
+        lease = self.pool.lease(size)
+        self.stats.pinned_bytes += size
+        self.stats.pinned_peak = max(self.stats.pinned_peak, self.stats.pinned_bytes)
+        self.stats.leases_created += 1
+        return lease
+
+    def put(self, lease: Lease) -> None:
+        """Return a buffer to its free list."""
+        self._free.setdefault(lease.size, []).append(lease)
+        self.stats.free_bytes += lease.size
+
+    def _shed(self, need: int, keep: int) -> None:
+        """Give free buffers of other size classes back to the pool until ``need`` is freed."""
+        for size in sorted(self._free, reverse=True):
+            if need <= 0:
+                return
+            if size == keep:
+                continue
+            lst = self._free[size]
+            while lst and need > 0:
+                lst.pop().release()
+                self.stats.free_bytes -= size
+                self.stats.pinned_bytes -= size
+                self.stats.leases_returned += 1
+                need -= size
+
+    def trim(self) -> None:
+        """Give every free buffer back to the pool."""
+        for size, lst in self._free.items():
+            while lst:
+                lst.pop().release()
+                self.stats.free_bytes -= size
+                self.stats.pinned_bytes -= size
+                self.stats.leases_returned += 1

@@ -1,0 +1,659 @@
+"""TensorSwapper: what a training loop talks to — tensors by key, in and out of SSD.
+
+``swap_in(key)`` returns a handle whose result is a tensor view on a pinned, exact-size
+buffer; ``release(key)`` says the consumer is done with it; ``swap_out(key, tensor)`` stores a
+tensor (copied into a pinned buffer at once, written asynchronously). Buffers come from a
+:class:`~memascend.buffers.BufferPool` under ``budget_bytes``: when the budget is full a
+request *waits* for in-flight I/O and releases (backpressure) instead of failing. Only a
+tensor larger than the whole budget, or a budget entirely held by tensors the consumer has not
+released, is an error — and the message names the keys.
+
+Released tensors stay resident as a clean cache until their buffer is needed; the victim is
+the one whose next use (per the learned plan) is furthest away. The access order is learned on
+the first pass and replayed (:mod:`memascend.prefetch`); the prefetch depth grows while the
+consumer waits and shrinks when prefetched buffers go unused.
+
+dtype conversion: a key registered with ``dtype`` (what the consumer sees) and
+``stored_dtype`` (what is on disk) is converted on the way in through a small staging buffer,
+chunk by chunk, and on the way out by ``copy_`` into the buffer — never a full-size temporary.
+
+Threading model: one consumer thread calls ``swap_in``/``release``/``swap_out``/``prefetch``/
+``mark_pass``; I/O completes on the engine's threads; all state is under one lock, and the
+consumer blocks only in ``wait()`` on a handle or while waiting for budget.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+from .buffers import BufferPool
+from .config import parse_size
+from .errors import ChecksumError, ConfigError, KeyNotFoundError, PoolExhaustedError
+from .handle import SwapHandle
+from .pool import Lease, PinnedPool
+from .prefetch import AccessPlan, DepthController
+from .store import SwapStore, crc32c
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _dtype(d: Any):
+    torch = _torch()
+    if isinstance(d, torch.dtype):
+        return d
+    if isinstance(d, str) and isinstance(getattr(torch, d.replace("torch.", ""), None), torch.dtype):
+        return getattr(torch, d.replace("torch.", ""))
+    raise ValueError(f"not a torch dtype: {d!r}")
+
+
+@dataclass(frozen=True)
+class _Meta:
+    shape: tuple[int, ...]
+    dtype: Any          # served (torch.dtype)
+    stored: Any         # on disk (torch.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def served_bytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.numel * self.stored.itemsize
+
+
+class _Res:
+    """A resident tensor: its buffer and where it is in its life."""
+
+    __slots__ = ("key", "meta", "lease", "stage", "state", "users", "prefetched", "used",
+                 "writing", "drop_after_write", "view", "error", "waiters", "last_use")
+
+    def __init__(self, key: str, meta: _Meta, lease: Lease, prefetched: bool):
+        self.key, self.meta, self.lease = key, meta, lease
+        self.stage: Optional[Lease] = None
+        self.state = "loading"
+        self.users = 0
+        self.prefetched = prefetched
+        self.used = False
+        self.writing = 0
+        self.drop_after_write = False
+        self.view = None
+        self.error: Optional[BaseException] = None
+        self.waiters: list[tuple[SwapHandle, float]] = []
+        self.last_use = time.monotonic()
+
+
+@dataclass(frozen=True)
+class SwapperStats:
+    """A snapshot of a swapper's counters (bytes unless named otherwise).
+
+    ``hits``: prefetched and ready before asked; ``reuse_hits``: still resident from an earlier
+    use; ``late``: prefetch in flight when asked (the consumer waited); ``misses``: read on
+    demand. ``wait_seconds`` is the time from a late or missed ``swap_in`` to its data.
+    """
+
+    accesses: int
+    hits: int
+    reuse_hits: int
+    late: int
+    misses: int
+    wait_seconds: float
+    budget_waits: int
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+    evictions: int
+    wasted_prefetches: int
+    depth: int
+    depth_history: list[tuple[int, int]]
+    resident_keys: int
+    pinned_bytes: int
+    pinned_peak: int
+    budget_bytes: int
+    leases_created: int
+    leases_reused: int
+    plan_learning: bool
+    plan_length: int
+    plan_resyncs: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of accesses served without waiting (hits + reuse hits)."""
+        return (self.hits + self.reuse_hits) / self.accesses if self.accesses else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a plain dict (with ``hit_rate``)."""
+        d = asdict(self)
+        d["hit_rate"] = self.hit_rate
+        return d
+
+
+@dataclass(frozen=True)
+class SwapperConfig:
+    """Options of a :class:`TensorSwapper`.
+
+    Attributes
+    ----------
+    budget_bytes:
+        Most pinned bytes the swapper holds at once (required).
+    start_depth, max_depth:
+        Initial and largest prefetch depth, in tensors (defaults 2 and 32).
+    chunk_bytes:
+        Staging buffer for dtype conversion on the way in (default 4 MiB).
+    wait_timeout:
+        Seconds a request may wait for budget before ``TimeoutError`` (default 600).
+    """
+
+    budget_bytes: int
+    start_depth: int = 2
+    max_depth: int = 32
+    chunk_bytes: int = 4 << 20
+    wait_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget_bytes", parse_size("budget_bytes", self.budget_bytes))
+        object.__setattr__(self, "chunk_bytes", parse_size("chunk_bytes", self.chunk_bytes))
+        if self.budget_bytes <= 0:
+            raise ConfigError("budget_bytes", f"must be > 0, got {self.budget_bytes}")
+        if not 1 <= self.start_depth <= self.max_depth:
+            raise ConfigError("start_depth", f"must be in [1, max_depth={self.max_depth}]")
+        if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
+            raise ConfigError("chunk_bytes", "must be a positive multiple of 4096")
+        if self.wait_timeout <= 0:
+            raise ConfigError("wait_timeout", "must be > 0")
+
+
+class TensorSwapper:
+    """Tensors by key, backed by a :class:`SwapStore` (see the module docstring).
+
+    Parameters
+    ----------
+    store:
+        Where tensors live.
+    pool:
+        Pinned pool for buffers (default: the store's pool).
+    budget_bytes:
+        Most pinned bytes held at once.
+    **options:
+        Other :class:`SwapperConfig` fields.
+    """
+
+    def __init__(self, store: SwapStore, pool: Optional[PinnedPool] = None, *,
+                 budget_bytes: Any, **options: Any):
+        self.config = SwapperConfig(budget_bytes=budget_bytes, **options)
+        self.store = store
+        self.pool = pool if pool is not None else store.pool
+        self.buffers = BufferPool(self.pool, self.config.budget_bytes)
+        self.plan = AccessPlan()
+        self.depth = DepthController(self.config.start_depth, 1, self.config.max_depth)
+        self._cv = threading.Condition(threading.RLock())
+        self._meta: dict[str, _Meta] = {}
+        self._res: dict[str, _Res] = {}
+        self._queue: deque[str] = deque()
+        self._inflight = 0
+        self._writing = 0
+        self._n = 0
+        self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memascend-convert")
+        self._c = {"hits": 0, "reuse_hits": 0, "late": 0, "misses": 0, "wait_seconds": 0.0,
+                   "budget_waits": 0, "reads": 0, "writes": 0, "bytes_read": 0,
+                   "bytes_written": 0, "evictions": 0, "wasted_prefetches": 0}
+        self._closed = False
+
+    # ---- metadata ----
+    def register(self, key: str, shape: Sequence[int], dtype: Any, *,
+                 stored_dtype: Any = None) -> None:
+        """Declare a key's shape and dtype (and the dtype it is stored in, if different).
+
+        Raises
+        ------
+        PoolExhaustedError
+            The tensor (or its staging) cannot fit in the budget at all.
+        """
+        meta = _Meta(tuple(int(s) for s in shape), _dtype(dtype),
+                     _dtype(stored_dtype) if stored_dtype is not None else _dtype(dtype))
+        self._check_fits(key, meta)
+        with self._cv:
+            self._meta[key] = meta
+
+    def _check_fits(self, key: str, meta: _Meta, out: bool = False) -> None:
+        """Raise if ``key`` can never fit: coming in it needs its served size (plus a staging
+        chunk when converting); going out, its stored size."""
+        if out:
+            need = BufferPool.size_class(max(meta.stored_bytes, 1))
+        else:
+            need = BufferPool.size_class(max(meta.served_bytes, 1))
+            if meta.stored != meta.dtype:
+                need += min(self.config.chunk_bytes, BufferPool.size_class(meta.stored_bytes))
+        if need > self.config.budget_bytes:
+            raise PoolExhaustedError(
+                f"tensor {key!r} needs {need} bytes of pinned buffer, more than the whole "
+                f"budget of {self.config.budget_bytes} bytes", nbytes=need, reason="budget")
+
+    def _meta_of(self, key: str) -> _Meta:
+        meta = self._meta.get(key)
+        if meta is not None:
+            return meta
+        e = self.store.info(key)  # raises KeyNotFoundError naming the key
+        if e.dtype is None or e.shape is None:
+            raise KeyNotFoundError(f"{key!r} was stored without dtype/shape; register() it")
+        meta = _Meta(tuple(e.shape), _dtype(e.dtype), _dtype(e.dtype))
+        self._check_fits(key, meta)
+        self._meta[key] = meta
+        return meta
+
+    # ---- buffers ----
+    def _evict_one(self, protect: str, before: float = -1.0, want: int = 0) -> bool:
+        """Evict an idle resident used later than ``before``: one of size class ``want`` if
+        any (its buffer is then reused without a new mapping), else the one used furthest in
+        the future."""
+        best, best_score = None, None
+        for r in self._res.values():
+            if r.key == protect or r.users or r.state != "ready" or r.writing:
+                continue
+            nu = self.plan.next_use(r.key)
+            if nu <= before:
+                continue
+            score = (r.lease.size == want, nu, -r.last_use)
+            if best_score is None or score > best_score:
+                best, best_score = r, score
+        if best is None:
+            return False
+        del self._res[best.key]
+        self.buffers.put(best.lease)
+        self._c["evictions"] += 1
+        if best.prefetched and not best.used:
+            self._c["wasted_prefetches"] += 1
+            self.depth.wasted(self._n)
+        return True
+
+    def _acquire(self, key: str, nbytes: int, blocking: bool, before: float = -1.0,
+                 loading: bool = False) -> Optional[Lease]:
+        """A buffer for ``key``: recycle, evict, or wait (``blocking``). None when not
+        blocking and the budget is full, or when ``loading`` and ``key`` became resident
+        meanwhile (a completion prefetched it while this call waited)."""
+        deadline = time.monotonic() + self.config.wait_timeout
+        while True:
+            if loading and key in self._res:
+                return None
+            lease = self.buffers.try_acquire(nbytes)
+            if lease is not None:
+                return lease
+            if self._evict_one(key, before, BufferPool.size_class(nbytes)):
+                continue
+            if not blocking:
+                return None
+            if self._inflight == 0 and self._writing == 0:
+                held = [(r.key, r.lease.size) for r in self._res.values() if r.users]
+                raise PoolExhaustedError(
+                    f"cannot get {nbytes} bytes for {key!r}: the budget of "
+                    f"{self.config.budget_bytes} bytes is held by tensors still in use "
+                    f"({', '.join(f'{k!r} ({n} B)' for k, n in held[:8])}"
+                    f"{', ...' if len(held) > 8 else ''}); release some first",
+                    nbytes=nbytes, reason="budget")
+            self._c["budget_waits"] += 1
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._cv.wait(timeout=left):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"waited {self.config.wait_timeout} s for pinned budget "
+                                       f"for {key!r}")
+
+    # ---- loading ----
+    def _start_load(self, key: str, blocking: bool, prefetched: bool,
+                    before: float = -1.0, claim: bool = False) -> Optional[_Res]:
+        """Start reading ``key`` into a new buffer (or return the resident that appeared
+        while waiting for budget). ``claim`` counts the caller as a user *before* any I/O is
+        issued: a read can complete, and prefetches run, before this returns, and an
+        unclaimed resident could be evicted under the caller."""
+        meta = self._meta_of(key)
+        lease = self._acquire(key, meta.served_bytes, blocking, before, loading=True)
+        if lease is None:
+            r = self._res.get(key)  # prefetched meanwhile, or (not blocking) no budget
+            if r is not None and claim:
+                r.users += 1
+            return r
+        r = _Res(key, meta, lease, prefetched)
+        if meta.stored != meta.dtype:
+            stage_bytes = min(self.config.chunk_bytes, BufferPool.size_class(meta.stored_bytes))
+            try:
+                r.stage = self._acquire(key, stage_bytes, blocking, before)
+            except BaseException:
+                self.buffers.put(lease)
+                raise
+            if r.stage is None:
+                self.buffers.put(lease)
+                return None
+        existing = self._res.get(key)
+        if existing is not None:
+            # While this call waited for budget (lock released), a prefetch brought the key
+            # in: use that one and give the buffers back.
+            self.buffers.put(lease)
+            if r.stage is not None:
+                self.buffers.put(r.stage)
+            if claim:
+                existing.users += 1
+            return existing
+        if claim:
+            r.users = 1
+        self._res[key] = r
+        self._inflight += 1
+        try:
+            if r.stage is None:
+                h = self.store.read(key, lease)
+            else:
+                h = SwapHandle(f"converted read of {key!r}")
+                self._bg.submit(self._read_converted, r, h)
+        except BaseException:
+            self._inflight -= 1
+            del self._res[key]
+            self.buffers.put(lease)
+            if r.stage is not None:
+                self.buffers.put(r.stage)
+            raise
+        h.add_done_callback(lambda hh: self._loaded(r, hh))
+        return r
+
+    def _read_converted(self, r: _Res, out: SwapHandle) -> None:
+        """Stream the stored tensor through the staging buffer, converting each chunk."""
+        try:
+            self._convert_chunks(r)
+            out.set_result(r.meta.stored_bytes)
+        except BaseException as exc:
+            exc.__traceback__ = None  # frames would keep views of the buffers alive
+            out.set_exception(exc)
+
+    def _convert_chunks(self, r: _Res) -> None:
+        meta, stage = r.meta, r.stage
+        entry = self.store.info(r.key)
+        item = meta.stored.itemsize
+        chunk = stage.size  # a multiple of 4096, hence of every element size
+        dst = r.lease.as_tensor(meta.dtype, (meta.numel,))
+        crc, done = 0, 0
+        while done < meta.stored_bytes:
+            n = min(chunk, meta.stored_bytes - done)
+            self.store.read_range(r.key, stage, done, n).wait()
+            if entry.crc is not None:
+                crc = crc32c(stage.address, n, crc)
+            dst[done // item:(done + n) // item].copy_(stage.as_tensor(meta.stored, (n // item,)))
+            done += n
+        del dst
+        if entry.crc is not None and crc != entry.crc:
+            raise ChecksumError(
+                f"checksum mismatch for {r.key!r} in {self.store.path} at offset {entry.offset} "
+                f"({entry.nbytes} bytes): stored {entry.crc:#010x}, read {crc:#010x}",
+                key=r.key, path=self.store.path, offset=entry.offset, nbytes=entry.nbytes,
+                expected=entry.crc, actual=crc)
+
+    def _loaded(self, r: _Res, h: SwapHandle) -> None:
+        now = time.monotonic()
+        with self._cv:
+            self._inflight -= 1
+            if r.stage is not None:
+                self.buffers.put(r.stage)
+                r.stage = None
+            exc = h.exception(0)
+            if exc is None:
+                r.state = "ready"
+                r.view = r.lease.as_tensor(r.meta.dtype, r.meta.shape)
+                self._c["reads"] += 1
+                self._c["bytes_read"] += r.meta.stored_bytes
+            else:
+                r.state = "failed"
+                r.error = exc
+                if self._res.get(r.key) is r:
+                    del self._res[r.key]
+                self.buffers.put(r.lease)
+            waiters, r.waiters = r.waiters, []
+            for _out, t0 in waiters:
+                self._c["wait_seconds"] += now - t0
+            self._cv.notify_all()
+            self._pump()
+        for out, _t0 in waiters:
+            if exc is None:
+                out.set_result(r.view)
+            else:
+                out.set_exception(exc)
+
+    # ---- the consumer's API ----
+    def swap_in(self, key: str) -> SwapHandle:
+        """Bring ``key`` into a pinned buffer; the handle's result is the tensor view.
+
+        The view is valid until :meth:`release`. Waits for budget if needed (backpressure).
+
+        Raises
+        ------
+        KeyNotFoundError
+            Unknown key.
+        PoolExhaustedError
+            The key cannot fit (see the module docstring).
+        """
+        self._check_open()
+        out = SwapHandle(f"swap_in({key!r})")
+        with self._cv:
+            self._meta_of(key)
+            self._n += 1
+            self.plan.observe(key)
+            r = self._res.get(key)
+            if r is None:
+                self._c["misses"] += 1
+                r = self._start_load(key, blocking=True, prefetched=False, claim=True)
+                if not self.plan.learning:  # while learning there is nothing to prefetch
+                    self.depth.waited(self._n)
+            else:
+                if r.state == "loading":
+                    self._c["late"] += 1
+                    self.depth.waited(self._n)
+                elif r.prefetched and not r.used:
+                    self._c["hits"] += 1
+                else:
+                    self._c["reuse_hits"] += 1
+                r.users += 1
+            r.used = True
+            r.last_use = time.monotonic()
+            ready = r.state == "ready"
+            if not ready:
+                r.waiters.append((out, time.monotonic()))
+            self._prefetch_ahead()
+        if ready:
+            out.set_result(r.view)
+        return out
+
+    def release(self, key: str) -> None:
+        """The consumer is done with ``key``; its buffer may be reused from now on.
+
+        Raises
+        ------
+        ValueError
+            ``key`` is not swapped in.
+        """
+        with self._cv:
+            r = self._res.get(key)
+            if r is None or r.users == 0:
+                raise ValueError(f"release({key!r}): the key is not swapped in")
+            r.users -= 1
+            r.last_use = time.monotonic()
+            if r.users == 0 and r.drop_after_write and not r.writing:
+                self._drop(r)
+            self._cv.notify_all()
+            self._pump()
+
+    def _drop(self, r: _Res) -> None:
+        if self._res.get(r.key) is r:
+            del self._res[r.key]
+        self.buffers.put(r.lease)
+
+    def swap_out(self, key: str, tensor: Any, release: bool = True) -> SwapHandle:
+        """Store ``tensor`` under ``key``; the handle's result is the bytes written.
+
+        The tensor is copied into a pinned buffer before this returns (converted to the
+        stored dtype if registered so), so the caller may reuse it at once. Writing the
+        swapper's own view of ``key`` writes its buffer without a copy. With ``release=False``
+        the data stays resident for later ``swap_in`` calls.
+
+        Raises
+        ------
+        ValueError
+            Shape mismatch with the registration, or ``key`` is in use through another buffer.
+        """
+        self._check_open()
+        torch = _torch()
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+            raise ValueError(f"swap_out({key!r}) takes a CPU tensor")
+        with self._cv:
+            meta = self._meta.get(key)
+            if meta is None:
+                meta = _Meta(tuple(tensor.shape), tensor.dtype, tensor.dtype)
+                self._check_fits(key, meta)
+                self._meta[key] = meta
+            elif tuple(tensor.shape) != meta.shape:
+                raise ValueError(f"swap_out({key!r}): shape {tuple(tensor.shape)} differs from "
+                                 f"the registered {meta.shape}")
+            self._check_fits(key, meta, out=True)
+            r = self._res.get(key)
+            own = r is not None and r.view is not None and \
+                tensor.data_ptr() == r.view.data_ptr()
+            if r is not None and not own:
+                if r.users:
+                    raise ValueError(f"swap_out({key!r}): the key is swapped in and in use; "
+                                     "write its own view, or release it first")
+                self._cv.wait_for(lambda: r.state != "loading" and not r.writing,
+                                  timeout=self.config.wait_timeout)
+                if self._res.get(key) is r:
+                    self._drop(r)
+                r = None
+            if own and meta.stored == meta.dtype:
+                src = r.lease
+            else:
+                src = self._acquire(key, meta.stored_bytes, blocking=True)
+                src.as_tensor(meta.stored, meta.shape).copy_(tensor)
+                if r is None and meta.stored == meta.dtype:
+                    r = _Res(key, meta, src, prefetched=False)
+                    r.state = "ready"
+                    r.view = src.as_tensor(meta.dtype, meta.shape)
+                    self._res[key] = r
+            staged = src if (r is None or src is not r.lease) else None
+            if r is not None:
+                r.writing += 1
+                r.drop_after_write = r.drop_after_write or release
+            self._writing += 1
+            h = self.store.write(key, src, nbytes=meta.stored_bytes,
+                                 dtype=str(meta.stored).replace("torch.", ""), shape=meta.shape)
+        out = SwapHandle(f"swap_out({key!r})")
+        h.add_done_callback(lambda hh: self._written(r, staged, meta, hh, out))
+        return out
+
+    def _written(self, r: Optional[_Res], staged: Optional[Lease], meta: _Meta, h: SwapHandle,
+                 out: SwapHandle) -> None:
+        exc = h.exception(0)
+        with self._cv:
+            self._writing -= 1
+            if staged is not None:
+                self.buffers.put(staged)
+            if r is not None:
+                r.writing -= 1
+                if not r.writing and r.drop_after_write and not r.users:
+                    self._drop(r)
+            if exc is None:
+                self._c["writes"] += 1
+                self._c["bytes_written"] += meta.stored_bytes
+            self._cv.notify_all()
+            self._pump()
+        if exc is None:
+            out.set_result(meta.stored_bytes)
+        else:
+            out.set_exception(exc)
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Read these keys ahead, in order, as the budget allows (never blocks).
+
+        Raises
+        ------
+        KeyNotFoundError
+            A key is neither registered nor stored.
+        """
+        self._check_open()
+        with self._cv:
+            for k in keys:
+                self._meta_of(k)
+                self._queue.append(k)
+            self._pump()
+
+    def mark_pass(self) -> None:
+        """Mark the end of a pass (e.g. a training step) for the learned prefetch plan."""
+        with self._cv:
+            self.plan.mark_pass()
+            self._prefetch_ahead()
+
+    def _prefetch_ahead(self) -> None:
+        for k in self.plan.upcoming(self.depth.depth):
+            if k in self._res:
+                continue
+            if k not in self._meta and k not in self.store:
+                continue
+            if self._start_load(k, blocking=False, prefetched=True,
+                                before=self.plan.next_use(k)) is None:
+                break
+
+    def _pump(self) -> None:
+        # Pop before loading: a load's completion may run _pump again (reentrant lock).
+        while self._queue:
+            k = self._queue.popleft()
+            if k in self._res:
+                continue
+            if self._start_load(k, blocking=False, prefetched=True) is None:
+                self._queue.appendleft(k)
+                return
+        self._prefetch_ahead()
+
+    # ---- introspection and lifecycle ----
+    def stats(self) -> SwapperStats:
+        """A snapshot of the counters."""
+        with self._cv:
+            b = self.buffers.stats
+            return SwapperStats(
+                accesses=self._n, depth=self.depth.depth,
+                depth_history=list(self.depth.history), resident_keys=len(self._res),
+                pinned_bytes=b.pinned_bytes, pinned_peak=b.pinned_peak,
+                budget_bytes=self.config.budget_bytes, leases_created=b.leases_created,
+                leases_reused=b.leases_reused, plan_learning=self.plan.learning,
+                plan_length=len(self.plan.order), plan_resyncs=self.plan.resyncs, **self._c)
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no read or write is in flight; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._inflight and not self._writing, timeout)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the swapper is closed")
+
+    def close(self) -> None:
+        """Finish in-flight I/O and give every buffer back to the pool. Idempotent."""
+        if self._closed:
+            return
+        self.wait_idle(self.config.wait_timeout)
+        self._bg.shutdown(wait=True)
+        with self._cv:
+            self._closed = True
+            self._queue.clear()
+            for r in list(self._res.values()):
+                self._drop(r)
+            self.buffers.trim()
+
+    def __enter__(self) -> "TensorSwapper":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
