@@ -35,7 +35,7 @@ $(VPY):
 $(STAMP): $(VPY) $(NATIVE_SRC)
 	$(VPY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
 	$(VPY) -m pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.15"
-	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,transformers]"
 	$(VPY) -c "import memascend._native._lib"
 	@# optional pyuring backend: its sdist cannot build against Debian's liburing 2.3, but it
 	@# ships a prebuilt library; this installs that offline (MACHINE.md). Failure is not fatal.
@@ -47,7 +47,7 @@ $(STAMP): $(VPY) $(NATIVE_SRC)
 	@touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/memascend demo
+	$(VENV)/bin/memascend demo $(DEMO_ARGS)
 
 native-test:
 	$(MAKE) -s -C native test

@@ -5,6 +5,8 @@ of pinned host memory. This package is the public API; see README.md for the ove
 """
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 from .errors import (BackendUnavailableError, ChecksumError, ConfigError, KeyNotFoundError,
@@ -24,4 +26,17 @@ __all__ = [
     "KeyNotFoundError", "StoreLockedError", "BackendUnavailableError", "SwapEngine",
     "EngineConfig", "EngineStats", "IORequest", "SwapHandle", "gather", "SwapStore",
     "StoreConfig", "StoreStats", "TensorSwapper", "SwapperConfig", "SwapperStats",
+    "offload_model", "OffloadedModel", "AdamW", "LossScaler", "meta_parameters",
 ]
+
+_LAZY = {"offload_model", "OffloadedModel", "AdamW", "LossScaler", "meta_parameters"}
+
+
+def __getattr__(name: str) -> Any:
+    # The training wrapper imports torch; load it on first use so that `memascend info` and
+    # the pool stay light.
+    if name in _LAZY:
+        from . import offload
+
+        return getattr(offload, name)
+    raise AttributeError(f"module 'memascend' has no attribute {name!r}")

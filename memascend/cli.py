@@ -2,8 +2,8 @@
 
 Subcommands: ``info`` (what this machine and process allow: native build, memlock, io_uring,
 and which swap-engine backend ``auto`` picks and why)
-and ``demo`` (for now a pool self-check: it will run the SSD-offloaded training demo once
-that exists). Every command that reports numbers takes ``--json``. The library never prints;
+and ``demo`` (fine-tunes a small LLaMA-style model with parameters and optimizer state on SSD
+and reports the memory footprint; ``--selfcheck`` runs the pinned-pool self-check instead). Every command that reports numbers takes ``--json``. The library never prints;
 this module does. Bad input exits with status 2 and a one-line message.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -118,7 +119,60 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_demo(r: Any) -> None:
+    mib = lambda n: fmt_bytes(n)  # noqa: E731
+    m = r.model
+    print(f"model: LLaMA-style, {m['parameters']:,d} parameters, "
+          f"{m['config']['num_hidden_layers']} layers, hidden {m['config']['hidden_size']}, "
+          f"compute {m['compute_dtype']}; {r.steps} steps of {r.tokens_per_step} tokens "
+          f"in {r.seconds:.0f} s ({r.seconds_per_step:.2f} s/step)")
+    print(f"loss: {r.first_loss:.3f} (first steps) -> {r.last_loss:.3f} (last steps)")
+    print(f"training state on SSD:   {mib(r.ssd_state_bytes)} "
+          f"(parameters + fp32 master + AdamW moments + gradients; "
+          f"{mib(r.ssd_allocated_bytes)} allocated in {r.swap_dir}, now removed)")
+    print(f"in-memory training needs {mib(r.in_memory_state_bytes)} of RAM for the same state "
+          "(plus activations)")
+    pinned = r.pinned_peak_bytes["parameters"] + r.pinned_peak_bytes["optimizer"]
+    budget = r.budget_bytes["parameters"] + r.budget_bytes["optimizer"]
+    print(f"memascend pinned buffers: peak {mib(pinned)} of a {mib(budget)} budget; "
+          f"locked peak {mib(r.pool_locked_peak_bytes)}"
+          + (f" ({r.extra['lock_failures']} lock refusals: ran unlocked)"
+             if r.extra.get("lock_failures") else ""))
+    rest = r.peak_rss_bytes - r.rss_before_model_bytes - r.pool_reserved_peak_bytes
+    print(f"process peak RSS (VmHWM): {mib(r.peak_rss_bytes)} = Python + torch runtime "
+          f"{mib(r.rss_before_model_bytes)} + memascend buffers (peak) "
+          f"{mib(r.pool_reserved_peak_bytes)} + activations, allocator and the rest "
+          f"{mib(max(0, rest))}")
+    print(f"SSD traffic: read {mib(r.bytes_read)}, wrote {mib(r.bytes_written)} "
+          f"({mib((r.bytes_read + r.bytes_written) // max(1, r.steps))} per step)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+    from .progress import Progress
+
+    if args.selfcheck:
+        return _cmd_selfcheck(args)
+    opts = DemoOptions(model=args.model, steps=args.steps, batch=args.batch,
+                       seq_len=args.seq_len, swap_dir=args.swap_dir, budget=args.budget,
+                       compute_dtype=args.dtype, lr=args.lr, seed=args.seed,
+                       checkpointing=args.checkpointing)
+    bar = Progress(opts.steps, "training", enabled=not args.json or sys.stderr.isatty())
+    if not args.json:
+        print(f"memascend demo: fine-tuning a LLaMA-style model ({opts.model}) on Python's own "
+              "source, parameters and optimizer state on SSD", flush=True)
+    try:
+        result = run_demo(opts, on_step=lambda i, loss: bar.update(i, f"loss {loss:.3f}"))
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_demo(result)
+    return 0
+
+
+def _cmd_selfcheck(args: argparse.Namespace) -> int:
     from .selfcheck import run_selfcheck
 
     info = collect_info()
@@ -140,30 +194,73 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
     for note in result.notes:
         print(f"  note: {note}")
-    print("the SSD-offloaded training demo is not part of this version yet")
     return 0 if result.ok else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments exit with status 2 and one line on stderr (no usage dump)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``memascend`` command."""
-    p = argparse.ArgumentParser(prog="memascend", description=__doc__.split("\n")[0])
+    p = _Parser(prog="memascend", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"memascend {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what this machine allows: native build, memlock, io_uring")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="run the demo (currently: the pinned-pool self-check)")
-    demo.add_argument("--json", action="store_true", help="print JSON")
+    demo = sub.add_parser("demo", help="fine-tune a small LLaMA-style model with its training "
+                                       "state on SSD and report the memory footprint")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    demo.add_argument("--model", default="small",
+                      help="demo preset (tiny, small, medium), a configs/models preset or a "
+                           "config.json path (default small)")
+    demo.add_argument("--steps", type=_positive_int, default=60, help="training steps (60)")
+    demo.add_argument("--batch", type=_positive_int, default=4, help="sequences per step (4)")
+    demo.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence")
+    demo.add_argument("--swap-dir", default=None,
+                      help="folder for the temporary swap directory (default /var/tmp)")
+    demo.add_argument("--budget", default=None,
+                      help="pinned RAM budget of each swap tier, e.g. 64MiB (default: sized "
+                           "from the largest tensor)")
+    demo.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                      help="compute dtype; auto: bfloat16 with CUDA, else float32 (bf16 "
+                           "matmuls are slow on most CPUs); master weights are always fp32")
+    demo.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--checkpointing", action="store_true",
+                      help="use gradient checkpointing")
+    demo.add_argument("--selfcheck", action="store_true",
+                      help="instead of training, run the pinned-pool self-check")
     demo.add_argument("--lock", choices=["auto", "required", "off"], default="auto",
-                      help="pool lock mode (default auto)")
+                      help="pool lock mode of --selfcheck (default auto)")
     demo.set_defaults(func=cmd_demo)
     return p
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``memascend`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that `finally` blocks remove temporary swap files.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args))
     except MemAscendError as exc:

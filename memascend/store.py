@@ -126,6 +126,22 @@ def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
     return int(c[0])
 
 
+def _copy_range(src: int, dst: int, offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` at ``offset`` from one descriptor to the other, same offset."""
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.copy_file_range(src, dst, nbytes - done, offset + done, offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src, min(nbytes - done, 8 << 20), offset + done)
+            n = os.pwrite(dst, data, offset + done) if data else 0
+        if n == 0:
+            raise OSError(errno.EIO, f"short copy at offset {offset + done}")
+        done += n
+
+
 def _memory_of(obj: Any, writable: bool) -> tuple[int, int, Optional[int], Any, Any, Any]:
     """``(address, nbytes, room, keepalive, dtype, shape)`` of a Lease, tensor or buffer.
 
@@ -646,6 +662,102 @@ class SwapStore:
         self._check_open()
         with self._mu:
             self._sync_locked()
+
+    def export(self, dst_path: str) -> None:
+        """Write a consistent copy of the store to a new file store at ``dst_path``.
+
+        Waits for in-flight I/O, then copies every stored extent at its own offset (kernel
+        ``copy_file_range``; the copy is sparse elsewhere) and writes a manifest snapshot to
+        ``dst_path + ".meta"``. Open the copy with ``SwapStore(dst_path)``.
+
+        Raises
+        ------
+        SwapIOError
+            Copying failed (e.g. ENOSPC at the destination); the source is unchanged.
+        """
+        self._check_open()
+        self.wait_idle()
+        with self._mu:
+            self._sync_locked()
+            entries = list(self._table.values())
+            size, seq = self._alloc.size, self._seq
+        dst_path = os.path.abspath(dst_path)
+        try:
+            src = os.open(self.path, os.O_RDONLY)
+            try:
+                dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.ftruncate(dst, size)
+                    for e in entries:
+                        _copy_range(src, dst, e.offset, round_up(e.nbytes))
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            m = Manifest(dst_path + ".meta")
+            m.compact(entries, {"area_bytes": size}, seq)
+            m.close()
+        except OSError as exc:
+            raise self._err(exc.errno or errno.EIO, f"export to {dst_path} failed: {exc}",
+                            None) from exc
+
+    def import_from(self, src_path: str) -> None:
+        """Replace this store's contents with those of the store at ``src_path``.
+
+        Waits for in-flight I/O; copies the source's extents into this area at their offsets
+        (growing it if needed) and switches the table. Meant for restoring checkpoints: after
+        a crash in the middle, import again.
+
+        Raises
+        ------
+        SwapIOError
+            The source cannot be read, or this area cannot hold it.
+        """
+        self._check_open()
+        self.wait_idle()
+        src_path = os.path.abspath(src_path)
+        try:
+            entries, header, src_seq = Manifest(src_path + ".meta").load()
+        except (OSError, ValueError) as exc:
+            raise self._err(errno.EIO, f"cannot read the manifest of {src_path}: {exc}",
+                            None) from exc
+        need = max((e.offset + round_up(e.nbytes) for e in entries.values()), default=0)
+        with self._mu:
+            if need > self._alloc.size:
+                if self._is_block or (self.config.capacity and need > self.config.capacity):
+                    raise self._err(errno.ENOSPC, f"{src_path} needs {need} bytes, this area "
+                                    f"holds {self._alloc.size}", None, nbytes=need)
+                try:
+                    os.posix_fallocate(self._fd, self._alloc.size, need - self._alloc.size)
+                except OSError as exc:
+                    raise self._err(exc.errno or errno.EIO, f"cannot grow to {need} bytes for "
+                                    f"import: {exc.strerror}", None, nbytes=need) from exc
+            size = max(need, self._alloc.size)
+            try:
+                src = os.open(src_path, os.O_RDONLY)
+                dst = os.open(self.path, os.O_WRONLY)
+                try:
+                    for e in entries.values():
+                        _copy_range(src, dst, e.offset, round_up(e.nbytes))
+                    os.fsync(dst)
+                finally:
+                    os.close(src)
+                    os.close(dst)
+            except OSError as exc:
+                raise self._err(exc.errno or errno.EIO, f"import from {src_path} failed: {exc}",
+                                None) from exc
+            self._alloc = ExtentAllocator(size)
+            self._table = {}
+            for e in sorted(entries.values(), key=lambda e: e.offset):
+                self._alloc.reserve(e.offset, e.nbytes)
+                self._table[e.key] = e
+            self._quarantine.clear()
+            self._deferred.clear()
+            self._tombstones.clear()
+            self._seq = max(self._seq, src_seq) + 1
+            self._table = {k: dataclasses.replace(e, seq=self._seq) for k, e in self._table.items()}
+            self._manifest.compact(list(self._table.values()), {"area_bytes": size}, self._seq)
 
     def stats(self) -> StoreStats:
         """A snapshot of the counters."""

@@ -272,6 +272,7 @@ class TensorSwapper:
         if best is None:
             return False
         del self._res[best.key]
+        best.view = None
         self.buffers.put(best.lease)
         self._c["evictions"] += 1
         if best.prefetched and not best.used:
@@ -492,6 +493,7 @@ class TensorSwapper:
     def _drop(self, r: _Res) -> None:
         if self._res.get(r.key) is r:
             del self._res[r.key]
+        r.view = None  # a live view would keep the pool from unmapping a trimmed buffer
         self.buffers.put(r.lease)
 
     def swap_out(self, key: str, tensor: Any, release: bool = True) -> SwapHandle:
@@ -533,12 +535,14 @@ class TensorSwapper:
                 if self._res.get(key) is r:
                     self._drop(r)
                 r = None
+            created = False
             if own and meta.stored == meta.dtype:
                 src = r.lease
             else:
                 src = self._acquire(key, meta.stored_bytes, blocking=True)
                 src.as_tensor(meta.stored, meta.shape).copy_(tensor)
                 if r is None and meta.stored == meta.dtype:
+                    created = True
                     r = _Res(key, meta, src, prefetched=False)
                     r.state = "ready"
                     r.view = src.as_tensor(meta.dtype, meta.shape)
@@ -548,8 +552,23 @@ class TensorSwapper:
                 r.writing += 1
                 r.drop_after_write = r.drop_after_write or release
             self._writing += 1
-            h = self.store.write(key, src, nbytes=meta.stored_bytes,
-                                 dtype=str(meta.stored).replace("torch.", ""), shape=meta.shape)
+            try:
+                h = self.store.write(key, src, nbytes=meta.stored_bytes,
+                                     dtype=str(meta.stored).replace("torch.", ""),
+                                     shape=meta.shape)
+            except BaseException:
+                # Refused before any I/O started (e.g. ENOSPC while allocating extents):
+                # undo the bookkeeping so that close() and wait_idle() do not wait for it.
+                self._writing -= 1
+                if staged is not None:
+                    self.buffers.put(staged)
+                if r is not None:
+                    r.writing -= 1
+                    if created:  # never stored: not a valid resident copy either
+                        r.view = None
+                        self._drop(r)
+                self._cv.notify_all()
+                raise
         out = SwapHandle(f"swap_out({key!r})")
         h.add_done_callback(lambda hh: self._written(r, staged, meta, hh, out))
         return out
@@ -629,6 +648,23 @@ class TensorSwapper:
                 budget_bytes=self.config.budget_bytes, leases_created=b.leases_created,
                 leases_reused=b.leases_reused, plan_learning=self.plan.learning,
                 plan_length=len(self.plan.order), plan_resyncs=self.plan.resyncs, **self._c)
+
+    def drop_resident(self) -> None:
+        """Forget every resident copy (e.g. after the store's contents were replaced).
+
+        Raises
+        ------
+        ValueError
+            A key is still swapped in (not released).
+        """
+        self.wait_idle(self.config.wait_timeout)
+        with self._cv:
+            busy = [r.key for r in self._res.values() if r.users]
+            if busy:
+                raise ValueError(f"drop_resident(): keys still in use: {busy[:8]}")
+            for r in list(self._res.values()):
+                self._drop(r)
+            self._queue.clear()
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Wait until no read or write is in flight; False on timeout."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -28,3 +30,38 @@ def make_pool():
     gc.collect()
     for pool in pools:
         pool.close()
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
+
+
+def need_root(*tools: str) -> None:
+    """Skip unless running as root with ``tools`` installed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mount / losetup)")
+    for t in tools:
+        if not shutil.which(t):
+            pytest.skip(f"{t} not installed")
+
+
+@pytest.fixture
+def small_ext4(tmp_path):
+    """A 32 MiB ext4 filesystem on a loop mount."""
+    need_root("mkfs.ext4", "mount", "umount")
+    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    r = _run("mkfs.ext4", "-q", "-F", str(img))
+    if r.returncode:
+        pytest.skip(f"mkfs.ext4 failed: {r.stderr.strip()}")
+    r = _run("mount", "-o", "loop", str(img), str(mnt))
+    if r.returncode:
+        pytest.skip(f"cannot loop-mount here: {r.stderr.strip()}")
+    try:
+        yield str(mnt)
+    finally:
+        _run("umount", str(mnt))
+
+

@@ -39,7 +39,7 @@ def test_info_human(capsys):
 
 
 def test_demo_selfcheck_json():
-    proc = _run("demo", "--json")
+    proc = _run("demo", "--selfcheck", "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)["pool_selfcheck"]
     assert res["ok"] is True

@@ -250,3 +250,23 @@ def test_exit_with_io_in_flight_is_clean(tmp_path):
         proc = subprocess.run([sys.executable, "-c", EXIT_CHILD, str(tmp_path / f"s{i}")],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_write_refused_on_full_disk_leaves_swapper_usable(small_ext4):
+    pool = PinnedPool()
+    store = SwapStore(small_ext4 + "/swap", pool=pool, grow_bytes=1 << 20)
+    sw = TensorSwapper(store, budget_bytes=96 << 20)
+    try:
+        with pytest.raises(SwapIOError) as info:
+            sw.swap_out("big", torch.ones(64 << 18))  # 64 MiB on a 32 MiB filesystem
+        assert info.value.errno == errno.ENOSPC
+        del info  # its traceback's frames view the staging buffer
+        assert sw.wait_idle(T)  # nothing counted as in flight
+        sw.swap_out("small", torch.ones(1024)).wait(T)
+        assert torch.equal(sw.swap_in("small").wait(T), torch.ones(1024))
+        sw.release("small")
+        assert sw.stats().pinned_bytes <= 96 << 20
+    finally:
+        sw.close()
+        store.close()
+        pool.close()

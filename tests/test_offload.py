@@ -1,0 +1,240 @@
+"""Training with parameters and optimizer state on SSD equals training in memory.
+
+fp32: losses and final parameters bitwise equal to ``torch.optim.AdamW(foreach=False)``, with
+gradient accumulation over micro-batches, for a plain MLP and a transformers LLaMA (also with
+activation checkpointing). bf16: bitwise equal to the same mixed-precision recipe in memory
+(fp32 master weights, fp32 gradient accumulation, bf16 compute copy). fp16: the fused overflow
+check skips the step and halves the loss scale. Checkpoints resume identically and a failed
+save leaves the previous one intact; a full disk fails cleanly with the model untouched.
+"""
+from __future__ import annotations
+
+import copy
+import errno
+
+import pytest
+import torch
+
+from memascend.errors import ConfigError, SwapIOError
+from memascend.offload import AdamW, _has_inf_or_nan, meta_parameters, offload_model
+
+LR = 1e-2
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                               torch.nn.LayerNorm(64), torch.nn.Linear(64, 10))
+
+
+def batches(n, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 32, generator=g).to(dtype), torch.randint(0, 10, (8,), generator=g))
+            for _ in range(n)]
+
+
+def loss_fn(out, y):
+    return torch.nn.functional.cross_entropy(out.float(), y)
+
+
+def train_ref_fp32(model, data, steps, micro):
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    losses = []
+    for s in range(steps):
+        for m in range(micro):
+            x, y = data[s * micro + m]
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def train_off(om, model, data, steps, micro, start=0):
+    losses = []
+    for s in range(start, start + steps):
+        for m in range(micro):
+            x, y = data[s * micro + m]
+            loss = loss_fn(model(x), y)
+            om.backward(loss)
+            losses.append(loss.item())
+        assert om.step()
+    return losses
+
+
+def masters(om):
+    return {n: om.optim_store.read_tensor(f"master/{n}").wait() for n in om._params}
+
+
+def test_fp32_mlp_bitwise(tmp_path):
+    model, ref = mlp(), mlp()
+    data = batches(8)
+    with offload_model(model, str(tmp_path), budget="2MiB", optimizer=AdamW(lr=LR)) as om:
+        got = train_off(om, model, data, steps=4, micro=2)
+        want = train_ref_fp32(ref, data, steps=4, micro=2)
+        assert got == want
+        final = masters(om)
+        for n, p in ref.named_parameters():
+            assert torch.equal(final[n], p.detach()), n
+        st = om.params_sw.stats()
+        assert st.pinned_peak <= st.budget_bytes
+        assert all(p.numel() == 0 for p in model.parameters())  # nothing left in RAM
+
+
+def test_meta_parameters_materialize_one_module_at_a_time(tmp_path):
+    ref = mlp()
+    torch.manual_seed(0)  # the same seed: reset_parameters() runs in construction order
+    with meta_parameters():
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                    torch.nn.Linear(64, 64), torch.nn.LayerNorm(64),
+                                    torch.nn.Linear(64, 10))
+    assert all(p.is_meta for p in model.parameters())
+    seen = []
+    data = batches(6)
+    with offload_model(model, str(tmp_path), budget="2MiB", optimizer=AdamW(lr=LR),
+                       init=lambda m: (seen.append(type(m).__name__), m.reset_parameters())) as om:
+        assert seen == ["Linear", "Linear", "LayerNorm", "Linear"]
+        assert not any(p.is_meta for p in model.parameters())
+        got = train_off(om, model, data, steps=3, micro=2)
+    assert got == train_ref_fp32(ref, data, steps=3, micro=2)
+
+
+def test_meta_parameters_without_init_fail_naming_the_module(tmp_path):
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4))
+
+    with meta_parameters():
+        model = torch.nn.Sequential(Scale())
+    with pytest.raises(ConfigError, match="Scale has parameters on the meta device"):
+        offload_model(model, str(tmp_path), budget="1MiB")
+
+
+def test_llama_fp32_bitwise_with_checkpointing(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=86,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, foreach=False)
+    g = torch.Generator().manual_seed(3)
+    with offload_model(model, str(tmp_path), budget="2MiB", optimizer=AdamW(lr=1e-3)) as om:
+        for step in range(4):
+            if step == 2:
+                for m in (model, ref):
+                    m.gradient_checkpointing_enable({"use_reentrant": False})
+                    m.train()
+            x = torch.randint(0, 128, (2, 16), generator=g)
+            want = ref(input_ids=x, labels=x).loss
+            want.backward()
+            opt.step()
+            opt.zero_grad()
+            got = model(input_ids=x, labels=x).loss
+            om.backward(got)
+            om.step()
+            assert got.item() == want.item(), step
+        final = masters(om)
+        for n, p in ref.named_parameters():
+            assert torch.equal(final[n], p.detach()), n
+        assert om.params_sw.stats().accesses > 0
+        assert not om._holds["fwd"] and not om._holds["bwd"]
+
+
+def test_bf16_mixed_precision_matches_reference_recipe(tmp_path):
+    model = mlp()
+    ref = mlp().to(torch.bfloat16)
+    master = [p.detach().float().clone().requires_grad_(True) for p in mlp().parameters()]
+    opt = torch.optim.AdamW(master, lr=LR, foreach=False)
+    data = batches(6, dtype=torch.bfloat16)
+    with offload_model(model, str(tmp_path), budget="2MiB", optimizer=AdamW(lr=LR),
+                       compute_dtype=torch.bfloat16) as om:
+        got = train_off(om, model, data, steps=3, micro=2)
+        want = []
+        for s in range(3):
+            acc = [None] * len(master)
+            for m in range(2):
+                x, y = data[s * 2 + m]
+                loss = loss_fn(ref(x), y)
+                loss.backward()
+                want.append(loss.item())
+                for i, p in enumerate(ref.parameters()):
+                    acc[i] = p.grad.float() if acc[i] is None else acc[i].add_(p.grad)
+                    p.grad = None
+            for mp, a in zip(master, acc):
+                mp.grad = a
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                for p, mp in zip(ref.parameters(), master):
+                    p.copy_(mp)
+        assert got == want
+        stored = {n: om.param_store.read_tensor(f"p/{n}").wait() for n in om._params}
+        for (n, _), p in zip(mlp().named_parameters(), ref.parameters()):
+            assert stored[n].dtype == torch.bfloat16 and torch.equal(stored[n], p.detach()), n
+
+
+def test_fp16_overflow_skips_step(tmp_path):
+    model = mlp()
+    data = batches(2, dtype=torch.float16)
+    with offload_model(model, str(tmp_path), budget="2MiB", compute_dtype=torch.float16,
+                       optimizer=AdamW(lr=LR)) as om:
+        before = masters(om)
+        om.loss_scale = 1e30  # the scaled loss overflows fp16 gradients
+        x, y = data[0]
+        om.backward(loss_fn(model(x), y))
+        assert om.overflow
+        assert om.step() is False
+        assert om.loss_scale == 5e29 and om.skipped_steps == 1
+        after = masters(om)
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        om.loss_scale = 1024.0
+        om.backward(loss_fn(model(x), y))
+        assert not om.overflow and om.step() is True
+        assert any(not torch.equal(before[n], masters(om)[n]) for n in before)
+
+
+def test_fused_overflow_check_chunks():
+    t = torch.zeros(5000, dtype=torch.float16)
+    assert not _has_inf_or_nan(t, chunk=1000)
+    t[4321] = float("inf")
+    assert _has_inf_or_nan(t, chunk=1000)
+    t[4321] = float("nan")
+    assert _has_inf_or_nan(t, chunk=64)
+
+
+def test_checkpoint_resume_is_identical(tmp_path):
+    data = batches(10)
+    model = mlp()
+    with offload_model(model, str(tmp_path / "a"), budget="2MiB", optimizer=AdamW(lr=LR)) as om:
+        train_off(om, model, data, steps=3, micro=1)
+        om.save(str(tmp_path / "ckpt"))
+        first = train_off(om, model, data, steps=2, micro=1, start=3)
+        # a save that fails half-way leaves the previous checkpoint intact
+        real = om.optim_store.export
+        om.optim_store.export = lambda path: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+        with pytest.raises(OSError):
+            om.save(str(tmp_path / "ckpt"))
+        om.optim_store.export = real
+    other = mlp(seed=42)  # different weights: everything must come from the checkpoint
+    with offload_model(other, str(tmp_path / "b"), budget="2MiB", optimizer=AdamW(lr=LR)) as om2:
+        om2.load(str(tmp_path / "ckpt"))
+        assert om2.step_count == 3
+        second = train_off(om2, other, data, steps=2, micro=1, start=3)
+    assert first == second
+
+
+def test_full_disk_fails_cleanly(small_ext4):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
+    orig = [p.detach().clone() for p in model.parameters()]  # 2 x 16 MiB fp32 + copies
+    with pytest.raises(SwapIOError) as info:
+        offload_model(model, small_ext4, budget="64MiB")
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.key is not None and info.value.path.startswith(small_ext4)
+    for p, o in zip(model.parameters(), orig):
+        assert torch.equal(p, o)  # the model's state is untouched
