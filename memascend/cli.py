@@ -225,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fine-tune a small LLaMA-style model with its training "
                                        "state on SSD and report the memory footprint")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
-    demo.add_argument("--model", default="small",
-                      help="demo preset (tiny, small, medium), a configs/models preset or a "
-                           "config.json path (default small)")
-    demo.add_argument("--steps", type=_positive_int, default=60, help="training steps (60)")
-    demo.add_argument("--batch", type=_positive_int, default=4, help="sequences per step (4)")
-    demo.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence")
+    demo.add_argument("--model", default="medium",
+                      help="demo preset (tiny, small, medium, large), a configs/models preset "
+                           "or a config.json path (default medium: 85 M parameters)")
+    demo.add_argument("--steps", type=_positive_int, default=40, help="training steps (40)")
+    demo.add_argument("--batch", type=_positive_int, default=1, help="sequences per step (1)")
+    demo.add_argument("--seq-len", type=_positive_int, default=128,
+                      help="tokens per sequence (128)")
     demo.add_argument("--swap-dir", default=None,
                       help="folder for the temporary swap directory (default /var/tmp)")
     demo.add_argument("--budget", default=None,

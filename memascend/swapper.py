@@ -18,8 +18,11 @@ dtype conversion: a key registered with ``dtype`` (what the consumer sees) and
 chunk by chunk, and on the way out by ``copy_`` into the buffer — never a full-size temporary.
 
 Threading model: one consumer thread calls ``swap_in``/``release``/``swap_out``/``prefetch``/
-``mark_pass``; I/O completes on the engine's threads; all state is under one lock, and the
-consumer blocks only in ``wait()`` on a handle or while waiting for budget.
+``mark_pass``; a prefetch thread submits the reads of prefetched keys (one per lock hold, so
+submission — in the kernel, pinning the buffer's pages — stays off the consumer's thread); I/O
+completes on the engine's threads; all state is under one lock, and the consumer blocks only in
+``wait()`` on a handle, while waiting for budget, or briefly behind one submission. A key the
+consumer asks for before its prefetch started is read on demand on the consumer's thread.
 """
 from __future__ import annotations
 
@@ -102,6 +105,7 @@ class SwapperStats:
     ``hits``: prefetched and ready before asked; ``reuse_hits``: still resident from an earlier
     use; ``late``: prefetch in flight when asked (the consumer waited); ``misses``: read on
     demand. ``wait_seconds`` is the time from a late or missed ``swap_in`` to its data.
+    ``prefetch_errors``: background reads that could not start (the consumer gets the error).
     """
 
     accesses: int
@@ -117,6 +121,7 @@ class SwapperStats:
     bytes_written: int
     evictions: int
     wasted_prefetches: int
+    prefetch_errors: int
     depth: int
     depth_history: list[tuple[int, int]]
     resident_keys: int
@@ -209,8 +214,15 @@ class TensorSwapper:
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memascend-convert")
         self._c = {"hits": 0, "reuse_hits": 0, "late": 0, "misses": 0, "wait_seconds": 0.0,
                    "budget_waits": 0, "reads": 0, "writes": 0, "bytes_read": 0,
-                   "bytes_written": 0, "evictions": 0, "wasted_prefetches": 0}
+                   "bytes_written": 0, "evictions": 0, "wasted_prefetches": 0,
+                   "prefetch_errors": 0}
         self._closed = False
+        self._stopping = False
+        self._prefetch_failed: set[str] = set()
+        self._kick_ev = threading.Event()
+        self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                            name="memascend-prefetch")
+        self._prefetcher.start()
 
     # ---- metadata ----
     def register(self, key: str, shape: Sequence[int], dtype: Any, *,
@@ -420,7 +432,7 @@ class TensorSwapper:
             for _out, t0 in waiters:
                 self._c["wait_seconds"] += now - t0
             self._cv.notify_all()
-            self._pump()
+        self._kick()
         for out, _t0 in waiters:
             if exc is None:
                 out.set_result(r.view)
@@ -466,7 +478,7 @@ class TensorSwapper:
             ready = r.state == "ready"
             if not ready:
                 r.waiters.append((out, time.monotonic()))
-            self._prefetch_ahead()
+        self._kick()
         if ready:
             out.set_result(r.view)
         return out
@@ -488,7 +500,7 @@ class TensorSwapper:
             if r.users == 0 and r.drop_after_write and not r.writing:
                 self._drop(r)
             self._cv.notify_all()
-            self._pump()
+        self._kick()
 
     def _drop(self, r: _Res) -> None:
         if self._res.get(r.key) is r:
@@ -588,7 +600,7 @@ class TensorSwapper:
                 self._c["writes"] += 1
                 self._c["bytes_written"] += meta.stored_bytes
             self._cv.notify_all()
-            self._pump()
+        self._kick()
         if exc is None:
             out.set_result(meta.stored_bytes)
         else:
@@ -607,34 +619,64 @@ class TensorSwapper:
             for k in keys:
                 self._meta_of(k)
                 self._queue.append(k)
-            self._pump()
+        self._kick()
 
     def mark_pass(self) -> None:
         """Mark the end of a pass (e.g. a training step) for the learned prefetch plan."""
         with self._cv:
             self.plan.mark_pass()
-            self._prefetch_ahead()
+            self._prefetch_failed.clear()
+        self._kick()
 
-    def _prefetch_ahead(self) -> None:
-        for k in self.plan.upcoming(self.depth.depth):
-            if k in self._res:
-                continue
-            if k not in self._meta and k not in self.store:
-                continue
-            if self._start_load(k, blocking=False, prefetched=True,
-                                before=self.plan.next_use(k)) is None:
-                break
+    def _kick(self) -> None:
+        """Wake the prefetch thread (it submits reads off the consumer's thread)."""
+        self._kick_ev.set()
 
-    def _pump(self) -> None:
-        # Pop before loading: a load's completion may run _pump again (reentrant lock).
+    def _pump(self) -> bool:
+        """Start at most one prefetch read: the explicit queue first, then the plan's next
+        keys within the current depth. True if one started (call again for more)."""
         while self._queue:
             k = self._queue.popleft()
             if k in self._res:
                 continue
             if self._start_load(k, blocking=False, prefetched=True) is None:
-                self._queue.appendleft(k)
-                return
-        self._prefetch_ahead()
+                self._queue.appendleft(k)  # no budget now; a completion or release kicks again
+                return False
+            return True
+        for k in self.plan.upcoming(self.depth.depth):
+            if k in self._res or k in self._prefetch_failed:
+                continue
+            if k not in self._meta and k not in self.store:
+                continue
+            try:
+                r = self._start_load(k, blocking=False, prefetched=True,
+                                     before=self.plan.next_use(k))
+            except Exception:
+                # The consumer's own swap_in of this key will raise the error; do not retry
+                # it in the background until the next pass.
+                self._prefetch_failed.add(k)
+                self._c["prefetch_errors"] += 1
+                return True
+            return r is not None
+        return False
+
+    def _prefetch_loop(self) -> None:
+        """The prefetch thread: on every kick (and every 50 ms), start reads one at a time,
+        taking the lock once per read so the consumer never waits behind a batch."""
+        while True:
+            self._kick_ev.wait(0.05)
+            self._kick_ev.clear()
+            while True:
+                with self._cv:
+                    if self._stopping:
+                        return
+                    try:
+                        started = self._pump()
+                    except Exception:  # e.g. a queued key that vanished: drop it, go on
+                        self._c["prefetch_errors"] += 1
+                        started = True
+                if not started:
+                    break
 
     # ---- introspection and lifecycle ----
     def stats(self) -> SwapperStats:
@@ -679,6 +721,11 @@ class TensorSwapper:
         """Finish in-flight I/O and give every buffer back to the pool. Idempotent."""
         if self._closed:
             return
+        with self._cv:
+            self._stopping = True
+        self._kick()
+        if self._prefetcher is not threading.current_thread():
+            self._prefetcher.join()
         self.wait_idle(self.config.wait_timeout)
         self._bg.shutdown(wait=True)
         with self._cv:
