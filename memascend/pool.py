@@ -34,6 +34,7 @@ from .pinning import Registrar, default_registrar
 from .sysinfo import fmt_bytes, has_cap_ipc_lock, memlock_advice, memlock_limit
 
 LOCK_MODES = {"off": 0, "auto": 1, "required": 2}
+HUGE_PAGE_MODES = {"off": 0, "auto": 1}
 _FAIL_NAMES = {1: "bad-size", 2: "too-large", 3: "limit", 4: "mmap", 5: "mlock", 6: "register"}
 
 
@@ -64,6 +65,15 @@ class PoolConfig:
         Cap on reserved bytes; a lease beyond it raises PoolExhaustedError (default: none).
     populate:
         Prefault arenas when mapped so reserved bytes are resident at once (default True).
+    huge_pages:
+        ``"auto"`` (default): arenas of at least one transparent huge page (2 MiB on x86-64),
+        i.e. large leases and the larger shared arenas, are mapped 2 MiB aligned and madvised
+        ``MADV_HUGEPAGE`` before they are populated and locked, when the kernel's THP mode
+        (``/sys/kernel/mm/transparent_hugepage/enabled``) is ``always`` or ``madvise``;
+        otherwise nothing is done. Physically contiguous 2 MiB pieces make a 1-8 MiB I/O
+        request a few segments instead of a scatter list of 4 KiB pages (the io_uring engine's
+        CPU per GiB about halves on a virtio disk). Lease and arena sizes do not change;
+        ``stats().huge_advised`` counts advised bytes. ``"off"``: small pages only.
     register:
         Register arenas with the GPU runtime when locking is on (default True; a no-op
         registrar runs instead on machines without CUDA).
@@ -76,11 +86,15 @@ class PoolConfig:
     retain_bytes: int = 1 << 20
     limit_bytes: int | None = None
     populate: bool = True
+    huge_pages: str = "auto"
     register: bool = True
 
     def __post_init__(self) -> None:
         if self.lock not in LOCK_MODES:
             raise ConfigError("lock", f"must be one of {sorted(LOCK_MODES)}, got {self.lock!r}")
+        if self.huge_pages not in HUGE_PAGE_MODES:
+            raise ConfigError("huge_pages", f"must be one of {sorted(HUGE_PAGE_MODES)}, "
+                                            f"got {self.huge_pages!r}")
         for key in ("alignment", "arena_bytes", "large_threshold", "retain_bytes", "limit_bytes"):
             value = getattr(self, key)
             if value is None and key == "limit_bytes":
@@ -111,7 +125,11 @@ class PoolStats:
 
     ``requested`` is what callers asked for, ``in_use`` the same rounded to the alignment,
     ``reserved`` what is mapped (live and retained arenas), ``locked`` what is mlock'ed
-    (equals the growth of ``VmLck``).
+    (equals the growth of ``VmLck``). ``huge_advised`` is the part of ``reserved`` in arenas
+    madvised ``MADV_HUGEPAGE`` (how much of it the kernel backs with huge pages shows as
+    ``AnonHugePages`` in ``/proc/self/smaps``); ``huge_advise_failures`` counts arenas whose
+    advice the kernel refused (they work with small pages). ``huge_page_size`` is the huge
+    page the pool aligns arenas to, 0 when it uses small pages only.
     """
 
     requested: int
@@ -131,11 +149,15 @@ class PoolStats:
     leases_total: int
     arenas_mapped_total: int
     arenas_unmapped_total: int
+    huge_advised: int
+    huge_advised_peak: int
+    huge_advise_failures: int
     deferred_releases: int
     register_failures: int
     registered_arenas: int
     lock: str
     alignment: int
+    huge_page_size: int
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict (JSON-serialisable)."""
@@ -326,12 +348,16 @@ class PinnedPool:
         cfg.retain_bytes = config.retain_bytes
         cfg.limit_bytes = config.limit_bytes or 0
         cfg.populate = int(config.populate)
+        cfg.huge_pages = HUGE_PAGE_MODES[config.huge_pages]
         out = ffi.new("ma_pool_t **")
         rc = lib.ma_pool_create(cfg, out)
         if rc != 0:
             raise ConfigError("pool", f"native pool rejected the config {config}: "
                                       f"{os.strerror(-rc)}")
         self._ptr = out[0]
+        hp = ffi.new("size_t *")
+        lib.ma_pool_huge_page_size(self._ptr, hp)
+        self._huge_page_size = int(hp[0])
         self._handle = ffi.new_handle(self)
         if config.register and config.lock != "off":
             rc = lib.ma_pool_set_hooks(self._ptr, lib._ma_on_map, lib._ma_on_unmap, self._handle)
@@ -469,10 +495,11 @@ class PinnedPool:
             "requested", "requested_peak", "in_use", "in_use_peak", "reserved",
             "reserved_peak", "locked", "locked_peak", "leases", "leases_peak", "arenas",
             "arenas_peak", "retained", "lock_failures", "leases_total", "arenas_mapped_total",
-            "arenas_unmapped_total")}
+            "arenas_unmapped_total", "huge_advised", "huge_advised_peak",
+            "huge_advise_failures")}
         return PoolStats(**fields, deferred_releases=deferred, register_failures=regf,
                          registered_arenas=regd, lock=self.config.lock,
-                         alignment=self.config.alignment)
+                         alignment=self.config.alignment, huge_page_size=self._huge_page_size)
 
     def arenas(self) -> list[tuple[int, int, bool, bool]]:
         """The mapped arenas as ``(base, size, locked, shared)`` tuples (for I/O registration)."""

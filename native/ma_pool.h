@@ -14,6 +14,14 @@
  * locks. Optional hooks run after an arena is mapped and before it is unmapped; the Python
  * layer uses them to register arenas with the CUDA runtime.
  *
+ * Arenas of at least one transparent huge page (2 MiB on x86-64) are placed at a huge-page
+ * aligned address and madvised MADV_HUGEPAGE before they are populated and locked, when the
+ * huge-page mode allows it and the kernel's THP mode is "always" or "madvise". Physically
+ * contiguous 2 MiB pieces let a device take a 1-8 MiB request as a few segments instead of a
+ * scatter list of 4 KiB pages. Sizes do not change: an arena still maps exactly its size (the
+ * alignment is got by over-mapping and unmapping the excess), and a lease is still its
+ * requested size rounded to the pool alignment.
+ *
  * Conventions (liburing style): every function returns 0 or -errno and never sets errno for
  * the caller to read. The pool is thread-safe (one mutex). Nothing here knows Python or torch.
  */
@@ -33,6 +41,12 @@ enum ma_lock_mode {
     MA_LOCK_OFF = 0,      /* never mlock */
     MA_LOCK_AUTO = 1,     /* try mlock; on refusal go on unlocked, count the failure */
     MA_LOCK_REQUIRED = 2, /* mlock or fail the lease */
+};
+
+enum ma_huge_mode {
+    MA_HUGE_OFF = 0,  /* 4 KiB pages only; arenas aligned to the pool alignment */
+    MA_HUGE_AUTO = 1, /* huge-page aligned and MADV_HUGEPAGE arenas when THP is "always" or
+                       * "madvise"; nothing is done (and no error) when THP is "never" */
 };
 
 /* Why the last failed lease failed (ma_lease_t.fail_reason). */
@@ -56,6 +70,8 @@ typedef struct ma_pool_config {
                              * not map, lock and unmap an arena each time */
     size_t limit_bytes;     /* cap on reserved bytes (0: no cap) */
     int populate;           /* prefault arenas when mapped (mlock prefaults anyway) */
+    int huge_pages;         /* enum ma_huge_mode: transparent huge pages for arenas of at
+                             * least one huge page (default MA_HUGE_AUTO) */
 } ma_pool_config_t;
 
 typedef struct ma_lease {
@@ -80,6 +96,11 @@ typedef struct ma_pool_stats {
     uint64_t leases_total;              /* leases ever granted */
     uint64_t arenas_mapped_total;       /* mmap calls that succeeded */
     uint64_t arenas_unmapped_total;     /* munmap calls */
+    uint64_t huge_advised, huge_advised_peak; /* bytes of arenas madvised MADV_HUGEPAGE (the
+                                               * kernel decides how much it backs with huge
+                                               * pages: AnonHugePages in smaps) */
+    uint64_t huge_advise_failures;      /* arenas whose MADV_HUGEPAGE was refused (they go on
+                                         * with small pages; not an error) */
 } ma_pool_stats_t;
 
 /* One mapped arena, as reported by ma_pool_arenas (for I/O buffer registration). */
@@ -95,11 +116,12 @@ typedef int (*ma_map_hook_fn)(void *ctx, void *base, size_t size, int locked);
 typedef void (*ma_unmap_hook_fn)(void *ctx, void *base, size_t size);
 
 /* Fill *cfg with the defaults: alignment 4096, MA_LOCK_AUTO, shared arenas up to 4 MiB,
- * 256 KiB large threshold, 1 MiB retain, no limit, populate on. */
+ * 256 KiB large threshold, 1 MiB retain, no limit, populate on, MA_HUGE_AUTO. */
 void ma_pool_config_default(ma_pool_config_t *cfg);
 
 /* Create a pool. -EINVAL for a bad config (alignment not a power of two in range, zero arena
- * size, threshold above the arena size), -ENOMEM when out of memory. */
+ * size, threshold above the arena size, unknown lock or huge-page mode), -ENOMEM when out of
+ * memory. Under MA_HUGE_AUTO the kernel's THP mode is read here, once. */
 int ma_pool_create(const ma_pool_config_t *cfg, ma_pool_t **out);
 
 /* Destroy a pool. -EBUSY (and nothing freed) while leases are live; -EINVAL for NULL. */
@@ -125,6 +147,10 @@ int ma_pool_trim(ma_pool_t *pool);
 
 /* Copy up to cap arena descriptors into out; *count receives the number of arenas. */
 int ma_pool_arenas(ma_pool_t *pool, ma_arena_info_t *out, size_t cap, size_t *count);
+
+/* *out = the huge-page size this pool aligns and advises arenas for, 0 when it uses small
+ * pages only (MA_HUGE_OFF, or THP "never" or absent). -EINVAL for NULL. */
+int ma_pool_huge_page_size(ma_pool_t *pool, size_t *out);
 
 /* Physical memory of the machine in bytes (sysconf), used to reject absurd sizes. */
 uint64_t ma_phys_bytes(void);

@@ -7,6 +7,10 @@
  * clean -EINVAL instead of a corrupted list. Every byte the pool maps, locks or hands out is
  * counted in one stats struct, updated under the pool mutex.
  *
+ * Arenas of at least one huge page are mapped huge-page aligned and madvised MADV_HUGEPAGE
+ * before anything touches them, so the first fault (populate or mlock) can take whole 2 MiB
+ * pages; see map_arena_memory.
+ *
  * Under AddressSanitizer the free parts of arenas are poisoned, so a write through a released
  * lease is reported (use-after-poison) even though the pool keeps the memory mapped.
  */
@@ -15,6 +19,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -53,6 +58,7 @@ struct ma_arena {
     size_t size;
     size_t live; /* live leases in this arena */
     int locked, shared;
+    int huge;     /* madvised MADV_HUGEPAGE */
     int retained; /* empty, kept mapped under the retain budget */
     ma_block_t *first;
 };
@@ -61,6 +67,7 @@ struct ma_pool {
     pthread_mutex_t mu;
     ma_pool_config_t cfg;
     size_t page;
+    size_t huge; /* huge-page size arenas are aligned and advised for; 0: small pages only */
     uint64_t phys;
     ma_map_hook_fn on_map;
     ma_unmap_hook_fn on_unmap;
@@ -93,6 +100,29 @@ void ma_pool_config_default(ma_pool_config_t *cfg)
     cfg->retain_bytes = 1u << 20;
     cfg->limit_bytes = 0;
     cfg->populate = 1;
+    cfg->huge_pages = MA_HUGE_AUTO;
+}
+
+/* The PMD huge-page size when transparent huge pages are on for madvised memory (mode
+ * "always" or "madvise"), else 0. Read once per pool: the mode is a machine setting. */
+static size_t thp_size(size_t page)
+{
+    char buf[128] = {0};
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "re");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    if (!strstr(buf, "[always]") && !strstr(buf, "[madvise]")) return 0;
+    unsigned long long sz = 2u << 20;
+    f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "re");
+    if (f) {
+        if (fscanf(f, "%llu", &sz) != 1) sz = 0;
+        fclose(f);
+    }
+    /* A huge page must be a power of two above the base page; 1 GiB caps the over-map. */
+    if (sz <= page || sz > (1ull << 30) || !is_pow2((size_t)sz)) return 0;
+    return (size_t)sz;
 }
 
 /* ---- stats helpers (mutex held) ---- */
@@ -173,13 +203,32 @@ static void fl_remove(ma_pool_t *p, ma_block_t *b)
 }
 
 /* ---- arenas ---- */
-static void *map_aligned(const ma_pool_t *p, size_t size, int *err)
+
+/* Fault in size bytes at base, writable. MADV_POPULATE_WRITE (Linux 5.14) does it in the
+ * kernel; older kernels refuse it with EINVAL and get a store per page. */
+static void prefault(char *base, size_t size, size_t page)
+{
+#ifdef MADV_POPULATE_WRITE
+    if (madvise(base, size, MADV_POPULATE_WRITE) == 0 || errno != EINVAL) return;
+#endif
+    for (size_t off = 0; off < size; off += page) ((volatile char *)base)[off] = 0;
+}
+
+/* Map exactly size bytes at an address aligned to max(page, pool alignment), and to the huge
+ * page when the arena holds at least one (then *huge is set and MADV_HUGEPAGE applied, or
+ * *huge_failed set when the kernel refused the advice). An aligned range is got by mapping
+ * align - page bytes more and unmapping the excess head and tail at once, so only size bytes
+ * stay mapped. Population comes last: MAP_POPULATE when nothing needed trimming or advising,
+ * else after the advice, so the kernel can fault whole huge pages and the trimmed excess is
+ * never touched. Returns the base, or NULL with *err = errno of mmap. */
+static char *map_arena_memory(const ma_pool_t *p, size_t size, int *huge, int *huge_failed,
+                              int *err)
 {
     size_t align = p->cfg.alignment > p->page ? p->cfg.alignment : p->page;
+    int want_huge = p->huge && size >= p->huge;
+    if (want_huge && align < p->huge) align = p->huge;
     size_t span = size + (align - p->page);
-    /* Over-mapped spans are trimmed first and populated after, so the trimmed padding is
-     * never faulted in. */
-    int populate_now = p->cfg.populate && span == size;
+    int populate_now = p->cfg.populate && span == size && !want_huge;
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | (populate_now ? MAP_POPULATE : 0);
     char *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (raw == MAP_FAILED) {
@@ -190,8 +239,12 @@ static void *map_aligned(const ma_pool_t *p, size_t size, int *err)
     if (base > raw) munmap(raw, (size_t)(base - raw));
     char *end = base + size, *rend = raw + span;
     if (rend > end) munmap(end, (size_t)(rend - end));
-    if (p->cfg.populate && !populate_now)
-        for (size_t off = 0; off < size; off += p->page) ((volatile char *)base)[off] = 0;
+    *huge = *huge_failed = 0;
+    if (want_huge) {
+        if (madvise(base, size, MADV_HUGEPAGE) == 0) *huge = 1;
+        else *huge_failed = 1; /* e.g. a kernel built without THP: small pages, still correct */
+    }
+    if (p->cfg.populate && !populate_now) prefault(base, size, p->page);
     return base;
 }
 
@@ -204,6 +257,7 @@ static void unmap_arena(ma_pool_t *p, ma_arena_t *a)
     else p->arenas = a->next;
     if (a->next) a->next->prev = a->prev;
     p->st.reserved -= a->size;
+    if (a->huge) p->st.huge_advised -= a->size;
     if (a->shared) p->shared_reserved -= a->size;
     if (a->locked) p->st.locked -= a->size;
     p->st.arenas -= 1;
@@ -236,8 +290,8 @@ static ma_arena_t *new_arena(ma_pool_t *p, size_t size, int shared, ma_lease_t *
         *rc = -ENOMEM;
         return NULL;
     }
-    int err = 0;
-    a->base = map_aligned(p, size, &err);
+    int err = 0, huge_failed = 0;
+    a->base = map_arena_memory(p, size, &a->huge, &huge_failed, &err);
     if (!a->base) {
         free(a);
         free(b);
@@ -280,6 +334,7 @@ static ma_arena_t *new_arena(ma_pool_t *p, size_t size, int shared, ma_lease_t *
         }
     }
     if (p->cfg.lock_mode != MA_LOCK_OFF && !a->locked) p->st.lock_failures += 1;
+    if (huge_failed) p->st.huge_advise_failures += 1;
     if (shared) MA_POISON(a->base, size);
     b->arena = a;
     b->off = 0;
@@ -291,6 +346,7 @@ static ma_arena_t *new_arena(ma_pool_t *p, size_t size, int shared, ma_lease_t *
     p->arenas = a;
     bump(&p->st.reserved, &p->st.reserved_peak, size);
     if (a->locked) bump(&p->st.locked, &p->st.locked_peak, size);
+    if (a->huge) bump(&p->st.huge_advised, &p->st.huge_advised_peak, size);
     bump(&p->st.arenas, &p->st.arenas_peak, 1);
     if (shared) p->shared_reserved += size;
     p->st.arenas_mapped_total += 1;
@@ -306,6 +362,7 @@ int ma_pool_create(const ma_pool_config_t *cfg, ma_pool_t **out)
     if (!is_pow2(cfg->alignment) || cfg->alignment < 64 || cfg->alignment > (1u << 30))
         return -EINVAL;
     if (cfg->lock_mode < MA_LOCK_OFF || cfg->lock_mode > MA_LOCK_REQUIRED) return -EINVAL;
+    if (cfg->huge_pages != MA_HUGE_OFF && cfg->huge_pages != MA_HUGE_AUTO) return -EINVAL;
     if (cfg->arena_bytes == 0 || cfg->large_threshold == 0) return -EINVAL;
     size_t arena = round_up(cfg->arena_bytes, page > cfg->alignment ? page : cfg->alignment);
     if (cfg->large_threshold > arena) return -EINVAL;
@@ -314,6 +371,7 @@ int ma_pool_create(const ma_pool_config_t *cfg, ma_pool_t **out)
     p->cfg = *cfg;
     p->cfg.arena_bytes = arena;
     p->page = page;
+    p->huge = cfg->huge_pages == MA_HUGE_AUTO ? thp_size(page) : 0;
     p->phys = ma_phys_bytes();
     p->nbuckets = 64;
     p->buckets = calloc(p->nbuckets, sizeof *p->buckets);
@@ -549,6 +607,13 @@ int ma_pool_stats(ma_pool_t *p, ma_pool_stats_t *out)
     pthread_mutex_lock(&p->mu);
     *out = p->st;
     pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+int ma_pool_huge_page_size(ma_pool_t *p, size_t *out)
+{
+    if (!p || !out) return -EINVAL;
+    *out = p->huge; /* set once at creation: no lock needed */
     return 0;
 }
 

@@ -23,11 +23,12 @@ NATIVE = os.path.join(ROOT, "native")
 CDEF = """
 typedef struct ma_pool ma_pool_t;
 enum ma_lock_mode { MA_LOCK_OFF = 0, MA_LOCK_AUTO = 1, MA_LOCK_REQUIRED = 2 };
+enum ma_huge_mode { MA_HUGE_OFF = 0, MA_HUGE_AUTO = 1 };
 enum ma_fail_reason { MA_FAIL_NONE = 0, MA_FAIL_BAD_SIZE = 1, MA_FAIL_TOO_LARGE = 2,
                       MA_FAIL_LIMIT = 3, MA_FAIL_MMAP = 4, MA_FAIL_MLOCK = 5, MA_FAIL_HOOK = 6 };
 typedef struct ma_pool_config {
     size_t alignment; int lock_mode; size_t arena_bytes; size_t large_threshold;
-    size_t retain_bytes; size_t limit_bytes; int populate;
+    size_t retain_bytes; size_t limit_bytes; int populate; int huge_pages;
 } ma_pool_config_t;
 typedef struct ma_lease {
     void *addr; size_t size; size_t requested; int locked; int fail_reason; int fail_errno;
@@ -38,6 +39,7 @@ typedef struct ma_pool_stats {
     uint64_t leases, leases_peak; uint64_t arenas, arenas_peak; uint64_t retained;
     uint64_t lock_failures; uint64_t leases_total; uint64_t arenas_mapped_total;
     uint64_t arenas_unmapped_total;
+    uint64_t huge_advised, huge_advised_peak; uint64_t huge_advise_failures;
 } ma_pool_stats_t;
 typedef struct ma_arena_info { void *base; size_t size; int locked; int shared; } ma_arena_info_t;
 typedef int (*ma_map_hook_fn)(void *ctx, void *base, size_t size, int locked);
@@ -51,6 +53,7 @@ int ma_pool_release(ma_pool_t *pool, void *addr);
 int ma_pool_stats(ma_pool_t *pool, ma_pool_stats_t *out);
 int ma_pool_trim(ma_pool_t *pool);
 int ma_pool_arenas(ma_pool_t *pool, ma_arena_info_t *out, size_t cap, size_t *count);
+int ma_pool_huge_page_size(ma_pool_t *pool, size_t *out);
 uint64_t ma_phys_bytes(void);
 static const int MA_BUILT_WITH_URING;
 

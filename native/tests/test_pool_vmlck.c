@@ -1,5 +1,6 @@
 /* test_pool_vmlck.c — the pool's locked-bytes counter equals the growth of VmLck in
- * /proc/self/status, for shared and exact arenas, and drops back when they are released.
+ * /proc/self/status, for shared and exact arenas (the exact ones here are huge-page arenas
+ * when THP is on), and drops back when they are released.
  * Skips (exit 77) when mlock is refused for this user beyond the memlock limit, and under
  * AddressSanitizer, whose mlock interceptor does nothing. */
 #include "../ma_pool.h"
@@ -34,16 +35,21 @@ int main(void)
     ma_pool_t *p;
     CHECK_EQ(ma_pool_create(&c, &p), 0);
     long base = vmlck_kb();
-    ma_lease_t a, b;
+    ma_lease_t a, b, h;
     CHECK_EQ(ma_pool_lease(p, 10000, &a), 0);
     CHECK_EQ(ma_pool_lease(p, (3 << 20) + 5, &b), 0);
+    CHECK_EQ(ma_pool_lease(p, 8 << 20, &h), 0);
     ma_pool_stats_t s;
     ma_pool_stats(p, &s);
     if (s.lock_failures) {
         printf("skip test_pool_vmlck: mlock refused (memlock limit)\n");
         return 77;
     }
-    CHECK_EQ(s.locked, (1 << 20) + (3 << 20) + 4096); /* first shared arena = threshold */
+    CHECK_EQ(s.locked, (1 << 20) + (3 << 20) + 4096 + (8 << 20)); /* first shared = threshold */
+    CHECK_EQ(s.locked, s.reserved);
+    CHECK_EQ((vmlck_kb() - base) * 1024, (long)s.locked);
+    ma_pool_release(p, h.addr);
+    ma_pool_stats(p, &s);
     CHECK_EQ((vmlck_kb() - base) * 1024, (long)s.locked);
     ma_pool_release(p, b.addr);
     ma_pool_stats(p, &s);
