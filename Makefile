@@ -60,8 +60,12 @@ test-python: install
 
 test: install native-test asan test-python
 
+# The benchmarks behind bench/RESULTS.md (I/O-heavy: several minutes; JSON under bench/out/).
 bench: install
-	$(VPY) bench/pool_overhead.py --json bench/pool_overhead.json
+	mkdir -p bench/out
+	$(VPY) bench/pool_overhead.py --json bench/out/pool_overhead.json
+	$(VPY) bench/io_throughput.py --json bench/out/io_throughput.json
+	$(VPY) bench/swapper.py --json bench/out/swapper.json
 
 clean:
 	$(MAKE) -s -C native clean
