@@ -279,22 +279,23 @@ class OffloadedModel:
 
     def _drop_holds(self, name: str, hold: str) -> None:
         count = self._holds[hold].pop(name, 0)
+        if not self._holds["fwd"].get(name) and not self._holds["bwd"].get(name):
+            # Drop the view before releasing: a live view keeps a recycled buffer mapped.
+            self._params[name].data = torch.empty(0, dtype=self.compute_dtype)
         for _ in range(count):
             self.params_sw.release(f"p/{name}")
-        if not self._holds["fwd"].get(name) and not self._holds["bwd"].get(name):
-            self._params[name].data = torch.empty(0, dtype=self.compute_dtype)
 
     def _release_fwd(self, names: list[str]) -> None:
         for n in names:
             count = self._holds["fwd"].get(n, 0)
-            if count:
-                self.params_sw.release(f"p/{n}")
-                if count == 1:
-                    del self._holds["fwd"][n]
-                else:
-                    self._holds["fwd"][n] = count - 1
+            if count == 1:
+                del self._holds["fwd"][n]
+            elif count:
+                self._holds["fwd"][n] = count - 1
             if not self._holds["fwd"].get(n) and not self._holds["bwd"].get(n):
                 self._params[n].data = torch.empty(0, dtype=self.compute_dtype)
+            if count:
+                self.params_sw.release(f"p/{n}")
 
     def _end_of_backward(self) -> None:
         # Also forward holds: activation checkpointing recomputes forwards during backward and
@@ -320,6 +321,7 @@ class OffloadedModel:
             acc = self.optim_sw.swap_in(key).wait()
             acc.add_(g)
             self._grad_handles.append(self.optim_sw.swap_out(key, acc))
+            del acc
             self.optim_sw.release(key)
         p.grad = None
         self._drop_holds(name, "bwd")
@@ -375,6 +377,7 @@ class OffloadedModel:
             for key, t in ((f"master/{n}", master), (f"m/{n}", m), (f"v/{n}", v)):
                 writes.append(self.optim_sw.swap_out(key, t))
             writes.append(self.params_sw.swap_out(f"p/{n}", master))  # converted to compute
+            del master, grad, m, v  # no view may outlive its release (keeps buffers mapped)
             for key in (f"master/{n}", f"g/{n}", f"m/{n}", f"v/{n}"):
                 self.optim_sw.release(key)
             self._has_state.add(n)
