@@ -12,6 +12,7 @@ import argparse
 import json
 import platform
 import signal
+import threading
 import sys
 from typing import Any, Sequence
 
@@ -161,9 +162,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"memascend demo: fine-tuning a LLaMA-style model ({opts.model}) on Python's own "
               "source, parameters and optimizer state on SSD", flush=True)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        # First signal: stop between two steps (cleanly); a second Ctrl-C interrupts at once.
+        if stop.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop.set()
+        print("\nmemascend: stopping after this step (Ctrl-C again to abort now)",
+              file=sys.stderr, flush=True)
+
+    old_int = signal.signal(signal.SIGINT, request_stop)
+    old_term = signal.signal(signal.SIGTERM, request_stop)
     try:
-        result = run_demo(opts, on_step=lambda i, loss: bar.update(i, f"loss {loss:.3f}"))
+        result = run_demo(opts, on_step=lambda i, loss: bar.update(i, f"loss {loss:.3f}"),
+                          stop=stop)
     finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
         bar.close()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

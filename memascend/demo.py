@@ -24,6 +24,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -217,8 +218,11 @@ def auto_budgets(shapes: list[tuple[int, ...]], compute_bytes: int) -> tuple[int
 
 
 def run_demo(opts: DemoOptions,
-             on_step: Optional[Callable[[int, float], None]] = None) -> DemoResult:
-    """Train as ``opts`` says; ``on_step(step, loss)`` is called after every step.
+             on_step: Optional[Callable[[int, float], None]] = None,
+             stop: Optional[threading.Event] = None) -> DemoResult:
+    """Train as ``opts`` says; ``on_step(step, loss)`` is called after every step. When
+    ``stop`` is set, training ends between two steps with ``KeyboardInterrupt`` (a safe point:
+    no I/O half-submitted), after which the swap directory is removed.
 
     Raises
     ------
@@ -272,6 +276,8 @@ def run_demo(opts: DemoOptions,
         losses: list[float] = []
         t0 = time.monotonic()
         for step in range(opts.steps):
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt("stop requested")
             starts = torch.randint(0, corpus.numel() - opts.seq_len - 1, (opts.batch,),
                                    generator=gen)
             ids = torch.stack([corpus[s:s + opts.seq_len] for s in starts.tolist()]).long()
