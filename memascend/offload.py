@@ -18,7 +18,9 @@ to two swap tiers and returns an :class:`OffloadedModel` that drives training:
   parameter tier. The update is ``torch.optim.adamw.adamw`` itself (single-tensor form), so
   fp32 training is bitwise identical to ``torch.optim.AdamW(foreach=False)`` in memory.
 
-Pinned memory is bounded by the two swappers' budgets. Checkpoints (:meth:`save` /
+The two swap tiers are scratch space (``durable=False``: safe against a killed process, not
+power loss, and no fsync per step); durability comes from checkpoints. Pinned memory is
+bounded by the two swappers' budgets. Checkpoints (:meth:`save` /
 :meth:`load`) are written to a temporary folder and renamed, so a crash leaves the last
 checkpoint intact.
 """
@@ -169,9 +171,11 @@ class OffloadedModel:
         self._opened: list[Any] = []
         try:
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
-                                                    engine=self.engine, pool=self.pool))
+                                                    engine=self.engine, pool=self.pool,
+                                                    durable=False))
             self.optim_store = self._open(SwapStore(os.path.join(self.swap_dir, "optim.swp"),
-                                                    engine=self.engine, pool=self.pool))
+                                                    engine=self.engine, pool=self.pool,
+                                                    durable=False))
             self.params_sw = self._open(TensorSwapper(self.param_store, budget_bytes=budget_b))
             self.optim_sw = self._open(TensorSwapper(self.optim_store, budget_bytes=opt_b))
             self._setup_params(init)

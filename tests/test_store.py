@@ -274,3 +274,50 @@ def test_delete_during_inflight_overwrite_wins(tmp_path, pool):
             assert "k" not in store
     with SwapStore(path, pool=pool) as store:
         assert "k" not in store
+
+
+@pytest.mark.parametrize("slack", [0.0, 1.0])
+def test_overwrites_reclaim_with_few_fsyncs_and_bounded_area(tmp_path, slack):
+    pool = PinnedPool()
+    data = {f"k{i}": torch.full((1 << 18,), float(i)) for i in range(8)}  # 8 x 1 MiB
+    with SwapStore(str(tmp_path / "s"), pool=pool, grow_bytes=1 << 20, sync_slack=slack) as store:
+        for rnd in range(4):
+            for k, t in data.items():
+                store.write(k, t + rnd).wait()
+        s = store.stats()
+        for k, t in data.items():
+            assert torch.equal(store.read_tensor(k).wait(), t + 3)
+    pool.close()
+    if slack == 0.0:  # reclaim as soon as a grow step's worth is quarantined
+        assert s.syncs >= 16 and s.area_bytes <= 10 << 20
+    else:  # reclaim once the quarantine reaches the stored bytes: ~1 fsync per rewrite
+        assert s.syncs <= 4 and s.area_bytes <= (2 * 8 + 1) << 20
+
+
+def test_capacity_reached_reclaims_quarantine_before_failing(tmp_path):
+    pool = PinnedPool()
+    with SwapStore(str(tmp_path / "s"), capacity=9 << 20, pool=pool, grow_bytes=1 << 20,
+                   sync_slack=4.0) as store:
+        for rnd in range(3):
+            for i in range(8):
+                store.write(f"k{i}", torch.full((1 << 18,), float(rnd))).wait()
+        assert store.stats().area_bytes <= 9 << 20
+        assert torch.equal(store.read_tensor("k7").wait(), torch.full((1 << 18,), 2.0))
+    pool.close()
+
+
+def test_non_durable_store_reclaims_without_fsync(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    pool = PinnedPool()
+    with SwapStore(str(tmp_path / "s"), pool=pool, grow_bytes=1 << 20, sync_slack=0.0,
+                   durable=False) as store:
+        for rnd in range(3):
+            for i in range(4):
+                store.write(f"k{i}", torch.full((1 << 18,), float(rnd))).wait()
+        assert store.stats().syncs >= 4 and store.stats().area_bytes <= 6 << 20
+        during = len(calls)
+        assert torch.equal(store.read_tensor("k3").wait(), torch.full((1 << 18,), 2.0))
+    pool.close()
+    assert during == 0
