@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="medium",
                       help="demo preset (tiny, small, medium, large), a configs/models preset "
                            "or a config.json path (default medium: 85 M parameters)")
-    demo.add_argument("--steps", type=_positive_int, default=40, help="training steps (40)")
+    demo.add_argument("--steps", type=_positive_int, default=25, help="training steps (25)")
     demo.add_argument("--batch", type=_positive_int, default=1, help="sequences per step (1)")
     demo.add_argument("--seq-len", type=_positive_int, default=128,
                       help="tokens per sequence (128)")
