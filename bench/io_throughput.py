@@ -108,6 +108,7 @@ from memascend.config import parse_size  # noqa: E402
 from memascend.engine import IORequest, SwapEngine, probe_backends  # noqa: E402
 from memascend.errors import ConfigError, MemAscendError  # noqa: E402
 from memascend.sysinfo import fmt_bytes, io_uring_sysctl, phys_bytes  # noqa: E402
+from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 REQUEST_SIZES = (1 * MiB, 8 * MiB)
@@ -551,13 +552,7 @@ def machine_info(directory: str) -> dict[str, Any]:
     """Cores, CPU, RAM, kernel, Python, torch and disk facts for the record."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     du = shutil.disk_usage(directory)
     try:
         import pyuring
@@ -756,10 +751,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--dir: {args.dir!r} is not a directory")
         if not os.access(args.dir, os.W_OK | os.X_OK):
             p.error(f"--dir: {args.dir!r} is not writable")
-    if args.json is not None:
-        parent = Path(args.json).resolve().parent
-        if not parent.is_dir():
-            p.error(f"--json: directory {str(parent)!r} does not exist")
+    check_json_path(p, args.json)
     return args
 
 
@@ -947,9 +939,7 @@ def _run(args: argparse.Namespace, directory: str) -> int:
                "request_sizes": list(REQUEST_SIZES), "queue_depths": list(QUEUE_DEPTHS),
                "buffer_bytes": buf_bytes, "competitors": competitors, "skipped": skipped,
                "elapsed_s": elapsed, "raw": raw, "results": rows, "summary": summary}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        write_json(args.json, doc)
     return 0
 
 

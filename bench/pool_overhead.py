@@ -58,6 +58,7 @@ from memascend.errors import ConfigError  # noqa: E402
 from memascend.shapes import (llama_parameter_shapes,  # noqa: E402
                               load_model_config)
 from memascend.sysinfo import fmt_bytes, phys_bytes  # noqa: E402
+from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
 
 FULL_MODELS = ("llama-1b", "llama2-7b", "llama2-13b", "llama2-70b")
 QUICK_MODELS = ("llama-tiny", "llama-1b")
@@ -301,13 +302,7 @@ def machine_info() -> dict[str, Any]:
     """Cores, CPU, RAM, kernel, Python and torch facts for the record."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cores": os.cpu_count(), "cpu": cpu, "ram_bytes": phys_bytes(),
             "kernel": platform.release(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
@@ -361,10 +356,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             load_model_config(m)
         except ConfigError as exc:
             p.error(f"--models: {exc}")
-    if args.json is not None:
-        parent = Path(args.json).resolve().parent
-        if not parent.is_dir():
-            p.error(f"--json: directory {str(parent)!r} does not exist")
+    check_json_path(p, args.json)
     return args
 
 
@@ -408,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"benchmark": "pool_overhead", "command": shlex.join([sys.executable, *sys.argv]),
                "machine": machine_info(), "quick": args.quick, "models": results,
                "timing": timing, "summary": summary}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        write_json(args.json, doc)
     return 0
 
 

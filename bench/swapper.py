@@ -85,6 +85,7 @@ if str(REPO) not in sys.path:
 from memascend.errors import ConfigError  # noqa: E402
 from memascend.shapes import llama_parameter_shapes, load_model_config  # noqa: E402
 from memascend.sysinfo import fmt_bytes, phys_bytes, proc_status  # noqa: E402
+from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
 
 BF16 = 2
 DEFAULT_MODEL, DEFAULT_LAYERS, QUICK_LAYERS = "llama-1b", 8, 2
@@ -484,13 +485,7 @@ def machine_info(workdir_parent: str) -> dict[str, Any]:
     """Cores, CPU, RAM, kernel, Python, torch, disk facts for the record."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     fs = None
     try:
         dev = os.stat(workdir_parent).st_dev
@@ -799,10 +794,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--sweep: multiples must be >= 1, got {args.sweep!r}")
     if not os.path.isdir(args.dir):
         p.error(f"--dir: {args.dir!r} is not a directory")
-    if args.json is not None:
-        parent = Path(args.json).resolve().parent
-        if not parent.is_dir():
-            p.error(f"--json: directory {str(parent)!r} does not exist")
+    check_json_path(p, args.json)
     return args
 
 
@@ -865,9 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine_info(args.dir), "quick": args.quick, "config": meta,
                "results": res, "deepspeed_computed": ds, "deepspeed_measured": dsm,
                "summary": s}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, default=str)
-            f.write("\n")
+        write_json(args.json, doc, default=str)
     return 0
 
 
