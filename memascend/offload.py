@@ -6,7 +6,9 @@ to two swap tiers and returns an :class:`OffloadedModel` that drives training:
 - **parameter tier** (compute dtype, e.g. bf16): a module's parameters are swapped in by a
   forward pre-hook and released by a forward hook; its outputs are wrapped so that, when
   gradients flow back into the module, its parameters are swapped in again before its
-  backward runs. Between uses a parameter's ``.data`` is an empty placeholder.
+  backward runs. Between uses a parameter's ``.data`` is an empty placeholder. Views of a
+  parameter that autograd saves for backward are re-derived from the re-fetched parameter
+  (:mod:`memascend.saved_views`), never read from a buffer that may have been recycled.
 - **gradients** leave through post-accumulate-grad hooks into the optimizer tier in fp32
   (accumulated there across micro-batches) and the parameter's ``.grad`` is freed at once.
   In fp16 mode every gradient is checked for inf/nan chunk by chunk as it arrives (the *fused
@@ -41,6 +43,7 @@ from .config import parse_size
 from .engine import SwapEngine
 from .errors import ConfigError, MemAscendError
 from .pool import PinnedPool
+from .saved_views import SavedParamViews
 from .store import SwapStore
 from .swapper import TensorSwapper
 
@@ -96,6 +99,7 @@ class _ModuleHook:
         self.owner = owner
         self.module = module
         self.names = names  # keys of the module's direct parameters
+        self.pushed = 0  # saved-tensor hooks pushed by pre_forward, not yet popped
 
     def params(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
         for _local, p in self.module._parameters.items():
@@ -104,8 +108,16 @@ class _ModuleHook:
 
     def pre_forward(self, module, args):
         self.owner._fetch([name for name, _ in self.params()], hold="fwd")
+        if torch.is_grad_enabled():
+            self.owner._saved.push()
+            self.pushed += 1
 
     def post_forward(self, module, args, output):
+        # Registered with always_call=True: also runs when forward raised, so the saved-tensor
+        # hooks pushed above are always popped.
+        if self.pushed:
+            self.pushed -= 1
+            self.owner._saved.pop()
         self.owner._release_fwd([name for name, _ in self.params()])
         if not torch.is_grad_enabled():
             return output
@@ -168,6 +180,7 @@ class OffloadedModel:
         self.engine = engine or SwapEngine()
         self._own_pool = pool is None
         self.pool = pool or PinnedPool(lock="auto")
+        self._saved = SavedParamViews(lambda n: self._params[n].data, self._ensure_resident)
         self._opened: list[Any] = []
         try:
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
@@ -262,7 +275,7 @@ class OffloadedModel:
                 continue
             h = _ModuleHook(self, module, names)
             self._hooks.append(module.register_forward_pre_hook(h.pre_forward))
-            self._hooks.append(module.register_forward_hook(h.post_forward))
+            self._hooks.append(module.register_forward_hook(h.post_forward, always_call=True))
         for name, p in self._params.items():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
@@ -276,16 +289,29 @@ class OffloadedModel:
         for n, h in handles:
             view = h.wait()
             self._params[n].data = view
+            self._saved.track(n, view)
             self._holds[hold][n] = self._holds[hold].get(n, 0) + 1
         if hold == "bwd" and not self._bwd_callback_queued:
             self._bwd_callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
+    def _evict_view(self, name: str) -> None:
+        p = self._params[name]
+        self._saved.untrack(name, p.data)
+        p.data = torch.empty(0, dtype=self.compute_dtype)
+
+    def _ensure_resident(self, name: str) -> torch.Tensor:
+        """The parameter's buffer view, fetched for backward if it is not resident (a saved
+        view unpacked after the parameter was released)."""
+        if not self._holds["fwd"].get(name) and not self._holds["bwd"].get(name):
+            self._fetch([name], hold="bwd")
+        return self._params[name].data
+
     def _drop_holds(self, name: str, hold: str) -> None:
         count = self._holds[hold].pop(name, 0)
         if not self._holds["fwd"].get(name) and not self._holds["bwd"].get(name):
             # Drop the view before releasing: a live view keeps a recycled buffer mapped.
-            self._params[name].data = torch.empty(0, dtype=self.compute_dtype)
+            self._evict_view(name)
         for _ in range(count):
             self.params_sw.release(f"p/{name}")
 
@@ -297,7 +323,7 @@ class OffloadedModel:
             elif count:
                 self._holds["fwd"][n] = count - 1
             if not self._holds["fwd"].get(n) and not self._holds["bwd"].get(n):
-                self._params[n].data = torch.empty(0, dtype=self.compute_dtype)
+                self._evict_view(n)
             if count:
                 self.params_sw.release(f"p/{n}")
 

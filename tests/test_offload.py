@@ -145,6 +145,49 @@ def test_llama_fp32_bitwise_with_checkpointing(tmp_path):
         assert not om._holds["fwd"] and not om._holds["bwd"]
 
 
+@pytest.mark.parametrize("checkpointing", ["none", "reentrant", "non-reentrant"])
+def test_llama_tight_budget_saved_views_bitwise(tmp_path, checkpointing):
+    """A parameter budget of a few tensors: buffers are recycled between a layer's forward
+    and its backward, while autograd holds views of the weights (``linear`` saves
+    ``weight.t()``). The saved-tensor hooks must re-derive those views from the re-fetched
+    parameter; reading the recycled buffer gives wrong gradients."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=172,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ref = copy.deepcopy(model)
+    if checkpointing != "none":
+        for m in (model, ref):
+            m.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    model.train()
+    ref.train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, foreach=False)
+    g = torch.Generator().manual_seed(3)
+    largest = max(p.numel() * 4 for p in model.parameters())
+    budget = 3 * largest  # a few weights resident at a time: most are evicted and re-read
+    with offload_model(model, str(tmp_path), budget=budget, optimizer_budget="2MiB",
+                       optimizer=AdamW(lr=1e-3)) as om:
+        for step in range(3):
+            x = torch.randint(0, 128, (2, 16), generator=g)
+            want = ref(input_ids=x, labels=x).loss
+            want.backward()
+            opt.step()
+            opt.zero_grad()
+            got = model(input_ids=x, labels=x).loss
+            om.backward(got)
+            om.step()
+            assert got.item() == want.item(), step
+        final = masters(om)
+        for n, p in ref.named_parameters():
+            assert torch.equal(final[n], p.detach()), n
+        assert om.params_sw.stats().evictions > 0
+        assert om._saved.copies == 0
+        assert not om._holds["fwd"] and not om._holds["bwd"]
+
+
 def test_bf16_mixed_precision_matches_reference_recipe(tmp_path):
     model = mlp()
     ref = mlp().to(torch.bfloat16)
@@ -271,3 +314,46 @@ def test_tight_budget_evicts_stays_bitwise_and_within_budget(tmp_path):
         slack = 1 << 20  # shared arenas of the small (bias) leases
         assert om.pool.stats().reserved_peak <= budget + (2 << 20) + slack
     assert got == want
+
+
+def test_forward_that_raises_leaves_no_saved_tensor_hooks(tmp_path):
+    class Boom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.lin(x)
+            raise ValueError("boom")
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Boom())
+    with offload_model(model, str(tmp_path), budget="1MiB") as om:
+        with pytest.raises(ValueError, match="boom"):
+            model(torch.randn(2, 4))
+        assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None
+        assert not om._holds["fwd"]
+
+
+def test_saved_view_of_another_dtype_is_kept_as_a_copy(tmp_path):
+    """A saved tensor inside a parameter's buffer that is not a same-dtype view of it cannot be
+    re-derived; it is saved as a copy, and the gradients stay exact."""
+    class Complex(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            c = torch.view_as_complex(self.w.view(4, 2))  # complex64 view of the float buffer
+            return (x * c * c).real.sum()  # the second mul saves c (its other input needs grad)
+
+    torch.manual_seed(0)
+    model, ref = Complex(), Complex()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, dtype=torch.complex64)
+    ref(x).backward()
+    with offload_model(model, str(tmp_path), budget="1MiB") as om:
+        om.backward(model(x))
+        assert om._saved.copies == 1
+        got = om.optim_sw.swap_in("g/w").wait().clone()
+        om.optim_sw.release("g/w")
+        assert torch.equal(got, ref.w.grad)
