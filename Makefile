@@ -35,7 +35,7 @@ $(VPY):
 $(STAMP): $(VPY) $(NATIVE_SRC)
 	$(VPY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
 	$(VPY) -m pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.15"
-	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,transformers]"
+	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,transformers,deepspeed]"
 	$(VPY) -c "import memascend._native._lib"
 	@# optional pyuring backend: its sdist cannot build against Debian's liburing 2.3, but it
 	@# ships a prebuilt library; this installs that offline (MACHINE.md). Failure is not fatal.

@@ -1,0 +1,1 @@
+"""Integrations of memascend with training frameworks (see :mod:`.deepspeed`)."""

@@ -1,0 +1,124 @@
+"""The two optimizer swappers of ZeRO-3, on memascend's store, engine and pool.
+
+DeepSpeed's ``PartitionedOptimizerSwapper`` and ``PipelinedOptimizerSwapper`` keep their
+bookkeeping (sub-group state tensors, gradient partitions split into aligned heads and
+remainders, the order of swaps around each sub-group's step). Their subclasses here change
+what is underneath: the aio handles are :class:`~.aio.StoreAioHandle` (one swap area per
+rank, io_uring, every completion checked, no libaio and no JIT-built ``async_io`` op) and the
+pinned buffers are exact-size leases from the shared pool.
+
+Checkpoints: DeepSpeed copies the optimizer swap folder into ``offloaded_tensors/rank*`` of a
+checkpoint and back on load. With memascend that folder would hold a live swap area, so
+:func:`~memascend.integrations.deepspeed.enable` wraps ``save_checkpoint`` /
+``load_checkpoint``: before a save the area is exported (a consistent copy) to an exchange
+folder that DeepSpeed then copies; on load DeepSpeed copies the checkpoint into the exchange
+folder and the area imports it before the first read.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from deepspeed import comm as dist
+from deepspeed.runtime.swap_tensor.async_swapper import AsyncTensorSwapper
+from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import PartitionedOptimizerSwapper
+from deepspeed.runtime.swap_tensor.pipelined_optimizer_swapper import (
+    ASYNC_SWAP_IN, ASYNC_SWAP_OUT, SYNC_SWAP_IN, SYNC_SWAP_OUT, PipelinedOptimizerSwapper)
+
+from . import state
+from .aio import StoreAioHandle
+from .runtime import runtime
+
+EXPORT_NAME = "memascend-optim.swp"
+
+
+class _StoreBacked:
+    """What both memascend optimizer swappers add: the store, and checkpoint exchange."""
+
+    def _open_store(self, swap_config: Any, aio_config: Any, base_folder: str) -> StoreAioHandle:
+        folder = os.path.join(base_folder, "optimizer", f"rank{dist.get_rank()}")
+        self.rt = runtime(state.options(), aio_config, bool(swap_config.pin_memory))
+        self.rt.drop_store(folder)
+        self.store = self.rt.store(folder)
+        self._live_folder = folder
+        self._exchange = os.path.join(base_folder, "memascend-checkpoint", f"rank{dist.get_rank()}")
+        self._import_pending = False
+        return self._handle(aio_config)
+
+    def _handle(self, aio_config: Any) -> StoreAioHandle:
+        return StoreAioHandle(self.rt, self.store, self._live_folder,
+                              block_size=aio_config["block_size"],
+                              queue_depth=aio_config["queue_depth"])
+
+    # ---- checkpoint exchange (driven by the engine wrappers in __init__) ----
+    def export_for_checkpoint(self) -> str:
+        """Write a consistent copy of the swap area to the exchange folder; returns it."""
+        shutil.rmtree(self._exchange, ignore_errors=True)
+        os.makedirs(self._exchange)
+        self.store.export(os.path.join(self._exchange, EXPORT_NAME))
+        return self._exchange
+
+    def begin_import(self) -> str:
+        """Empty the exchange folder for DeepSpeed to copy a checkpoint into; the area
+        imports it before its next read (:meth:`finish_import`)."""
+        shutil.rmtree(self._exchange, ignore_errors=True)
+        os.makedirs(self._exchange)
+        self._import_pending = True
+        return self._exchange
+
+    def finish_import(self) -> None:
+        """Import a checkpoint copied into the exchange folder, if one is pending."""
+        if not self._import_pending:
+            return
+        src = os.path.join(self._exchange, EXPORT_NAME)
+        if os.path.exists(src):  # DeepSpeed reads state before it copies the checkpoint in
+            self.store.import_from(src)
+            self._import_pending = False
+
+    def end_import(self) -> None:
+        """After ``load_checkpoint``: import if DeepSpeed copied but never read, then stop
+        waiting for a checkpoint."""
+        self.finish_import()
+        self._import_pending = False
+
+    def swap_in_optimizer_state(self, parameter: Any, async_parameter: Any = None) -> None:
+        """DeepSpeed's swap-in, after importing a pending checkpoint."""
+        self.finish_import()
+        super().swap_in_optimizer_state(parameter, async_parameter)  # type: ignore[misc]
+
+
+class MemAscendPartitionedOptimizerSwapper(_StoreBacked, PartitionedOptimizerSwapper):
+    """Drop-in for ``PartitionedOptimizerSwapper`` (same constructor)."""
+
+    def __init__(self, swap_config, aio_config, base_folder, optimizer, largest_numel, device,
+                 dtype, timers):
+        self.aio_handle = self._open_store(swap_config, aio_config, base_folder)
+        OptimizerSwapper.__init__(self, swap_config, aio_config, base_folder, optimizer,
+                                  largest_numel, device, dtype, timers, self.aio_handle)
+        self.gradient_swapper = AsyncTensorSwapper(aio_handle=self.aio_handle,
+                                                   numel_alignment=self.numel_alignment,
+                                                   timers=self.timers)
+        self.print_exclude_list += ["aio_handle", "gradient_swapper", "print_exclude_list", "rt",
+                                    "store"]
+
+
+class MemAscendPipelinedOptimizerSwapper(_StoreBacked, PipelinedOptimizerSwapper):
+    """Drop-in for ``PipelinedOptimizerSwapper`` (same constructor)."""
+
+    def __init__(self, swap_config, aio_config, base_folder, optimizer, largest_numel, device,
+                 dtype, timers):
+        self.write_aio_handle = self._open_store(swap_config, aio_config, base_folder)
+        self.read_aio_handle = self._handle(aio_config)
+        OptimizerSwapper.__init__(self, swap_config, aio_config, base_folder, optimizer,
+                                  largest_numel, device, dtype, timers, self.write_aio_handle)
+        self.gradient_swapper = AsyncTensorSwapper(aio_handle=self.write_aio_handle,
+                                                   numel_alignment=self.numel_alignment,
+                                                   timers=self.timers)
+        self.async_swap_in = swap_config.pipeline_read
+        self.async_swap_out = swap_config.pipeline_write
+        self.swap_ops = {SYNC_SWAP_IN: None, ASYNC_SWAP_IN: None, SYNC_SWAP_OUT: None,
+                         ASYNC_SWAP_OUT: None}
+        self.print_exclude_list += ["gradient_swapper", "read_aio_handle", "write_aio_handle",
+                                    "swap_ops", "print_exclude_list", "rt", "store"]

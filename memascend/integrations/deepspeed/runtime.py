@@ -1,0 +1,200 @@
+"""The per-process memascend runtime behind the DeepSpeed swappers, and its options.
+
+DeepSpeed builds its swappers deep inside ``zero.Init`` and the stage-3 optimizer, one per
+tier and rank. They all share one :class:`Runtime`: one :class:`~memascend.engine.SwapEngine`
+(io_uring, every completion checked), one :class:`~memascend.pool.PinnedPool` (exact-size
+leases from locked arenas) and one :class:`~memascend.store.SwapStore` per swap folder (one
+swap area per tier instead of one file per tensor). :class:`Options` is what a user may set,
+by ``enable(**options)`` or by a ``"memascend": {...}`` block in the DeepSpeed config; an
+unknown key is an error. DeepSpeed's own settings are honoured as follows:
+
+- ``aio.queue_depth`` → the engine's queue depth; ``aio.block_size`` → the engine's request
+  size (``chunk_bytes``, rounded up to 4096);
+- ``offload_param.pin_memory`` / ``offload_optimizer.pin_memory`` → the pool's lock mode
+  (``True``: ``"auto"`` — lock, and fall back to unlocked memory, counted in the stats,
+  when the memlock limit refuses; never SIGABRT. ``False``: ``"off"``);
+- ``offload_param.buffer_count`` × ``buffer_size`` → a byte budget: ``buffer_count`` buffers
+  sized exactly for the largest swapped parameter (see :mod:`memascend.sizing`), not
+  ``buffer_size`` elements each.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from ...config import parse_size
+from ...engine import SwapEngine
+from ...errors import ConfigError
+from ...pool import Lease, PinnedPool
+from ...store import SwapStore
+
+
+@dataclass(frozen=True)
+class Options:
+    """memascend settings for the DeepSpeed drop-in.
+
+    Parameters
+    ----------
+    enabled:
+        Use the memascend swappers (default True). ``False`` in the config block keeps
+        DeepSpeed's stock swappers although :func:`enable` was called.
+    backend:
+        Engine backend: ``"auto"`` (io_uring, else threads), ``"uring"``, ``"threads"``,
+        ``"pyuring"``.
+    lock:
+        Pool lock mode, overriding the one derived from ``pin_memory``.
+    param_budget:
+        Pinned bytes of the parameter tier (default: ``buffer_count`` × the largest swapped
+        parameter partition, 4 KiB-rounded).
+    checksum:
+        ``"crc32c"`` (default; every read verified) or ``"none"``.
+    """
+
+    enabled: bool = True
+    backend: str = "auto"
+    lock: Optional[str] = None
+    param_budget: Optional[Any] = None
+    checksum: str = "crc32c"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("memascend.enabled", f"must be true or false, got {self.enabled!r}")
+        if self.lock not in (None, "auto", "required", "off"):
+            raise ConfigError("memascend.lock", f"must be auto, required or off, got {self.lock!r}")
+        if self.checksum not in ("crc32c", "none"):
+            raise ConfigError("memascend.checksum", f"must be crc32c or none, got "
+                                                    f"{self.checksum!r}")
+        if self.param_budget is not None:
+            object.__setattr__(self, "param_budget",
+                               parse_size("memascend.param_budget", self.param_budget))
+
+    @classmethod
+    def merged(cls, base: "Options", block: Any) -> "Options":
+        """``base`` overridden by a config block (a dict); unknown keys are a ConfigError."""
+        if block is None:
+            return base
+        if not isinstance(block, dict):
+            raise ConfigError("memascend", f"must be an object, got {type(block).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise ConfigError(f"memascend.{unknown[0]}",
+                              f"unknown key (known: {', '.join(sorted(known))})")
+        values = {f.name: getattr(base, f.name) for f in fields(cls)}
+        values.update(block)
+        return cls(**values)
+
+
+def aio_engine_settings(aio_config: Any) -> dict[str, int]:
+    """Engine settings from DeepSpeed's ``aio`` section (a dict-like with its keys)."""
+    qd = int(aio_config["queue_depth"])
+    block = int(aio_config["block_size"])
+    chunk = max(4096, -(-block // 4096) * 4096)
+    return {"queue_depth": max(1, min(qd, 4096)), "chunk_bytes": chunk}
+
+
+class Runtime:
+    """Engine, pool and stores shared by every memascend swapper of this process.
+
+    Built on first use by :func:`runtime` with the options and the first swapper's aio
+    settings; later swappers reuse it.
+    """
+
+    def __init__(self, options: Options, aio: dict[str, int], lock: str):
+        self.options = options
+        self.engine = SwapEngine(backend=options.backend, queue_depth=aio["queue_depth"],
+                                 chunk_bytes=aio["chunk_bytes"])
+        self.pool = PinnedPool(lock=options.lock or lock)
+        self._stores: dict[str, SwapStore] = {}
+        self._leases: dict[int, Lease] = {}  # address -> lease, for is_pinned and frees
+        self._mu = threading.Lock()
+
+    def store(self, folder: str) -> SwapStore:
+        """The swap area of ``folder`` (created on first use as ``folder/memascend.swp``)."""
+        folder = os.path.abspath(folder)
+        with self._mu:
+            st = self._stores.get(folder)
+            if st is None:
+                os.makedirs(folder, exist_ok=True)
+                st = SwapStore(os.path.join(folder, "memascend.swp"), engine=self.engine,
+                               pool=self.pool, durable=False, checksum=self.options.checksum)
+                self._stores[folder] = st
+            return st
+
+    def drop_store(self, folder: str) -> None:
+        """Close the swap area of ``folder`` (DeepSpeed is about to delete the folder)."""
+        with self._mu:
+            st = self._stores.pop(os.path.abspath(folder), None)
+        if st is not None:
+            st.close()
+
+    # ---- pinned memory ----
+    def lease(self, nbytes: int) -> Lease:
+        """An exact-size pinned lease, registered so that :meth:`is_pinned` knows it."""
+        lease = self.pool.lease(max(nbytes, 1))
+        with self._mu:
+            self._leases[lease.address] = lease
+        return lease
+
+    def free(self, lease: Lease) -> None:
+        """Give a lease back (its memory returns once the last tensor view is gone)."""
+        with self._mu:
+            self._leases.pop(lease.address, None)
+        lease.release()
+
+    def lease_of(self, tensor: Any) -> Optional[Lease]:
+        """The lease whose memory holds all of ``tensor``, if any."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        with self._mu:
+            for addr, lease in self._leases.items():
+                if addr <= start and end <= addr + lease.size:
+                    return lease
+        return None
+
+    def close(self) -> None:
+        """Close every store, the engine and the pool."""
+        with self._mu:
+            stores = list(self._stores.values())
+            self._stores.clear()
+            leases = list(self._leases.values())
+            self._leases.clear()
+        for st in stores:
+            st.close()
+        for lease in leases:
+            lease.release()
+        self.engine.close()
+        try:
+            self.pool.close()
+        except Exception:  # leases still viewed by DeepSpeed tensors at exit
+            pass
+
+
+_RUNTIME: Optional[Runtime] = None
+_RUNTIME_MU = threading.Lock()
+
+
+def runtime(options: Options, aio_config: Any, pin_memory: bool) -> Runtime:
+    """The process's :class:`Runtime`, built on first use."""
+    global _RUNTIME
+    with _RUNTIME_MU:
+        if _RUNTIME is None:
+            _RUNTIME = Runtime(options, aio_engine_settings(aio_config),
+                               "auto" if pin_memory else "off")
+        return _RUNTIME
+
+
+def current_runtime() -> Optional[Runtime]:
+    """The runtime if one was built (for stats and tests)."""
+    return _RUNTIME
+
+
+def shutdown() -> None:
+    """Close the runtime (tests; at exit the OS reclaims everything anyway)."""
+    global _RUNTIME
+    with _RUNTIME_MU:
+        rt, _RUNTIME = _RUNTIME, None
+    if rt is not None:
+        rt.close()

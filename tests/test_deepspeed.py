@@ -1,0 +1,131 @@
+"""The DeepSpeed drop-in: ZeRO-3 with NVMe offload through memascend trains like CPU offload.
+
+Each run is a separate process (tests/_ds_worker.py) on DeepSpeed's CPU accelerator with
+gloo. Reference: the same model, data and config with ``offload_param`` and
+``offload_optimizer`` on ``cpu`` (stock DeepSpeed, no aio op needed). Tolerance: losses agree
+to 1e-6 relative — the update math is the same (a torch AdamW client optimizer on the same
+fp32 partitions) and only where the partitions rest differs, so they are expected to be
+equal; the tolerance only allows for reduction-order noise. Covered: a transformers LLaMA and
+an MLP, the pipelined optimizer swapper, checkpoint save → load → continue, world size 2, the
+config block (an unknown key is an error), and ``pin_memory: false`` locking nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+WORKER = os.path.join(os.path.dirname(__file__), "_ds_worker.py")
+REL = 1e-6
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp_path, world: int = 1, timeout: float = 600, **spec):
+    """Run the worker on ``world`` ranks; return rank 0's result (or raise with its log)."""
+    spec.setdefault("swap", str(tmp_path / f"swap-{spec['device']}"))
+    spec_path = tmp_path / f"spec-{os.getpid()}-{len(os.listdir(tmp_path))}.json"
+    spec_path.write_text(json.dumps(spec))
+    port = str(_port())
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, WORKER, str(spec_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"worker failed ({p.returncode}):\n{out[-4000:]}")
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        results.append(json.loads(line[-1][len("RESULT "):]))
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def close(a, b):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert abs(x - y) <= REL * max(abs(x), abs(y)), (a, b)
+
+
+@pytest.mark.parametrize("model", ["llama", "mlp"])
+def test_nvme_through_memascend_matches_cpu_offload(tmp_path, model):
+    ref = run(tmp_path, model=model, device="cpu", steps=4)[0]
+    got = run(tmp_path, model=model, device="nvme", steps=4)[0]
+    close(got["losses"], ref["losses"])
+    assert got["param_swapper"] == "MemAscendParamSwapper"
+    assert got["optimizer_swapper"] == "MemAscendPartitionedOptimizerSwapper"
+    eng = got["stats"]["engine"]
+    assert eng["bytes_read"] > 0 and eng["bytes_written"] > 0 and eng["errors"] == 0
+    ps = got["param_stats"]
+    assert ps["overdraft_bytes"] == 0
+    assert ps["peak_in_use_bytes"] <= ps["budget_bytes"]
+    # everything it locked is in its pool's stats
+    assert got["vm_lck_kb"] * 1024 >= got["stats"]["pool"]["locked"]
+    # the swap folders hold one swap area per tier, not one file per tensor
+    base = os.path.join(str(tmp_path / "swap-nvme"), "zero_stage_3")
+    files = [f for d, _, fs in os.walk(base) for f in fs if not d.endswith(".meta")]
+    assert sorted(files) == ["memascend.swp", "memascend.swp"], files
+
+
+def test_pipelined_optimizer_swapper(tmp_path):
+    ref = run(tmp_path, model="mlp", device="cpu", steps=3)[0]
+    got = run(tmp_path, model="mlp", device="nvme", steps=3, pipeline=True)[0]
+    close(got["losses"], ref["losses"])
+    assert got["optimizer_swapper"] == "MemAscendPipelinedOptimizerSwapper"
+
+
+def test_checkpoint_save_load_continue(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    full = run(tmp_path, model="llama", device="nvme", steps=5, save=ckpt, save_step=3)[0]
+    assert os.path.exists(os.path.join(ckpt, "ckpt", "offloaded_tensors"))
+    resumed = run(tmp_path, model="llama", device="nvme", steps=5, load=ckpt, load_step=3,
+                  swap=str(tmp_path / "swap-resume"))[0]
+    # The first step after loading sees exactly the saved weights: the optimizer's swap area
+    # went into the checkpoint and came back through the store. Later steps are not compared:
+    # DeepSpeed 0.19.8 does not restore the AdamW moments and step counts of NVMe-offloaded
+    # optimizer state — stock (libaio) resumes to the same loss as memascend here, 8.382914…
+    # against 8.378934… uninterrupted (checked with the async_io op built).
+    assert resumed["losses"][0] == full["losses"][3]
+    # The second step updates the fp32 master weights, which only the swap area holds: had
+    # they not come back, the update would start from the initial weights (a loss near the
+    # first steps', ~2 % off here); lost moments alone move it by ~0.05 %.
+    assert abs(resumed["losses"][1] - full["losses"][4]) < 0.005 * full["losses"][4]
+
+
+def test_world_size_two(tmp_path):
+    ref = run(tmp_path, world=2, model="mlp", device="cpu", steps=3)
+    got = run(tmp_path, world=2, model="mlp", device="nvme", steps=3)
+    for r, g in zip(ref, got):
+        close(g["losses"], r["losses"])
+    swap = os.path.join(str(tmp_path / "swap-nvme"), "zero_stage_3")
+    ranks = sorted(d for _, ds, _ in os.walk(swap) for d in ds if d.startswith("rank"))
+    assert ranks == ["rank0", "rank0", "rank1", "rank1"]  # a folder per rank and tier
+
+
+def test_unknown_key_in_config_block_is_an_error(tmp_path):
+    with pytest.raises(AssertionError, match=r"memascend\.bogus.*unknown key"):
+        run(tmp_path, model="mlp", device="nvme", steps=1, memascend={"bogus": 1})
+
+
+def test_config_block_and_pin_memory_off(tmp_path):
+    got = run(tmp_path, model="mlp", device="nvme", steps=2, pin=False,
+              memascend={"param_budget": "64MiB", "checksum": "none"})[0]
+    assert got["param_stats"]["budget_bytes"] == 64 << 20
+    assert got["stats"]["pool"]["locked_peak"] == 0
+    assert got["stats"]["pool"]["reserved_peak"] > 0
