@@ -42,6 +42,7 @@ import torch.optim.adamw as _torch_adamw
 from .config import parse_size
 from .engine import SwapEngine
 from .errors import ConfigError, MemAscendError
+from .overflow import has_inf_or_nan as _has_inf_or_nan
 from .pool import PinnedPool
 from .saved_views import SavedParamViews
 from .store import SwapStore
@@ -523,15 +524,6 @@ class OffloadedModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _has_inf_or_nan(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
-    """The fused overflow check: inf/nan in ``t``, scanned in chunks (no full-size temporary)."""
-    flat = t.reshape(-1)
-    for i in range(0, flat.numel(), chunk):
-        if not bool(torch.isfinite(flat[i:i + chunk]).all()):
-            return True
-    return False
 
 
 def _reset_parameters(module: torch.nn.Module) -> None:

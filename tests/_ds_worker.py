@@ -67,6 +67,8 @@ def ds_config(spec):
                                  "offload_param": off_param, "offload_optimizer": off_opt,
                                  "sub_group_size": 1_000_000},
            "aio": {"block_size": 1 << 20, "queue_depth": 8}}
+    if spec.get("fp16"):
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000}
     if "memascend" in spec:
         cfg["memascend"] = spec["memascend"]
     return cfg
@@ -103,12 +105,15 @@ def main(path):
     losses = []
     for step in range(start, spec["steps"]):
         loss = loss_of(engine, spec, batch(spec, step, rank))
+        if step in spec.get("overflow_steps", ()):
+            loss = loss * float("inf")  # every gradient becomes inf or nan
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
         if spec.get("save") and step + 1 == spec["save_step"]:
             engine.save_checkpoint(spec["save"], tag="ckpt")
-    out = {"rank": rank, "losses": losses}
+    out = {"rank": rank, "losses": losses, "skipped_steps": int(engine.skipped_steps),
+           "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0))}
     if spec["device"] == "nvme" and spec.get("enable", True):
         from memascend.integrations.deepspeed import params as ma_params
 

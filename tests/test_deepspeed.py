@@ -129,3 +129,49 @@ def test_config_block_and_pin_memory_off(tmp_path):
     assert got["param_stats"]["budget_bytes"] == 64 << 20
     assert got["stats"]["pool"]["locked_peak"] == 0
     assert got["stats"]["pool"]["reserved_peak"] > 0
+
+
+def test_fused_overflow_check_replaces_stage3_has_overflow(monkeypatch):
+    """fp16 is not supported by DeepSpeed's CPU accelerator here, so the replacement is
+    checked on its own: same answer as stage 3 for clean, inf and nan gradients, both
+    branches, with the all-reduces DeepSpeed makes; and enable()/disable() swap it in/out."""
+    import torch
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    import memascend.integrations.deepspeed as ma_ds
+    from memascend.integrations.deepspeed import overflow
+
+    reduces = []
+    monkeypatch.setattr(overflow.dist, "all_reduce",
+                        lambda t, op=None, group=None: reduces.append(("dp", group)))
+
+    class Fake:
+        dp_process_group = "dp-group"
+
+        def __init__(self, flat):
+            self.grad_partitions_flat_buffer = flat
+            p = torch.nn.Parameter(torch.zeros(3, dtype=flat.dtype))
+            p.grad = flat[:3].clone()
+            self.fp16_groups = [[p]]
+
+        def _model_parallel_all_reduce(self, tensor, op):
+            reduces.append(("mp", None))
+
+    n = 3 * (1 << 20) + 5  # more than one chunk
+    for value, want in ((0.0, False), (float("inf"), True), (float("nan"), True)):
+        flat = torch.ones(n, dtype=torch.float16)
+        flat[-1] = value
+        assert overflow.has_overflow(Fake(flat), True) is want
+    flat = torch.ones(n, dtype=torch.float16)
+    flat[1] = float("inf")
+    assert overflow.has_overflow(Fake(flat), False) is True
+    assert reduces[:2] == [("dp", "dp-group"), ("mp", None)]
+
+    original = Stage3.has_overflow
+    ma_ds.enable()
+    try:
+        assert Stage3.has_overflow is not original
+        assert Stage3.has_overflow.__wrapped__ is original
+    finally:
+        ma_ds.disable()
+    assert Stage3.has_overflow is original

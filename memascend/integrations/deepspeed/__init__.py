@@ -12,10 +12,11 @@ be given in the DeepSpeed config as a ``"memascend": {...}`` block (keys of
 stock swappers). DeepSpeed's ``offload_*``/``aio`` settings are honoured as described in
 :mod:`.runtime`.
 
-What changes (see :mod:`.params`, :mod:`.optim`, :mod:`.aio`): exact-size pinned leases under
-a byte budget instead of fixed slots; one swap area per tier and rank instead of one file per
-tensor; io_uring with every completion checked instead of libaio with none (and no JIT-built
-``async_io`` op); no "Not enough buffers" failure; no SIGABRT when mlock is refused.
+What changes (see :mod:`.params`, :mod:`.optim`, :mod:`.aio`, :mod:`.overflow`): exact-size
+pinned leases under a byte budget instead of fixed slots; one swap area per tier and rank
+instead of one file per tensor; io_uring with every completion checked instead of libaio with
+none (and no JIT-built ``async_io`` op); no "Not enough buffers" failure; no SIGABRT when
+mlock is refused; the fp16 overflow check scans in chunks (no full-size temporaries).
 Checkpoints made with memascend enabled hold the optimizer's swap area as one exported file
 and load only with memascend enabled.
 """
@@ -137,6 +138,17 @@ def _wrap_load(original: Any) -> Any:
     return load_checkpoint
 
 
+def _overflow_check(original: Any) -> Any:
+    @functools.wraps(original)
+    def has_overflow(self: Any, partition_gradients: bool = True) -> bool:
+        if not state.options().enabled:
+            return original(self, partition_gradients)
+        from .overflow import has_overflow as fused
+
+        return fused(self, partition_gradients)
+    return has_overflow
+
+
 def enable(**options: Any) -> None:
     """Make DeepSpeed build memascend's swappers from now on (idempotent; call before
     ``deepspeed.initialize`` and before ``zero.Init``).
@@ -166,13 +178,15 @@ def enable(**options: Any) -> None:
                           pipe=stage3.PipelinedOptimizerSwapper,
                           initialize=deepspeed.initialize,
                           save=ds_engine.DeepSpeedEngine.save_checkpoint,
-                          load=ds_engine.DeepSpeedEngine.load_checkpoint)
+                          load=ds_engine.DeepSpeedEngine.load_checkpoint,
+                          overflow=stage3.DeepSpeedZeroOptimizer_Stage3.has_overflow)
         pp.AsyncPartitionedParameterSwapper = _param_swapper_factory
         stage3.PartitionedOptimizerSwapper = _optimizer_swapper_factory(False)
         stage3.PipelinedOptimizerSwapper = _optimizer_swapper_factory(True)
         deepspeed.initialize = _wrap_initialize(_ORIGINALS["initialize"])
         ds_engine.DeepSpeedEngine.save_checkpoint = _wrap_save(_ORIGINALS["save"])
         ds_engine.DeepSpeedEngine.load_checkpoint = _wrap_load(_ORIGINALS["load"])
+        stage3.DeepSpeedZeroOptimizer_Stage3.has_overflow = _overflow_check(_ORIGINALS["overflow"])
     _ORIGINALS["options"] = base
     state.set_options(base)
 
@@ -193,6 +207,7 @@ def disable() -> None:
     deepspeed.initialize = _ORIGINALS["initialize"]
     ds_engine.DeepSpeedEngine.save_checkpoint = _ORIGINALS["save"]
     ds_engine.DeepSpeedEngine.load_checkpoint = _ORIGINALS["load"]
+    stage3.DeepSpeedZeroOptimizer_Stage3.has_overflow = _ORIGINALS["overflow"]
     _ORIGINALS.clear()
     state.set_options(None)
 
