@@ -368,17 +368,23 @@ class SwapStore:
                 raise self._err(errno.ENOSPC, f"store capacity {limit} bytes exhausted: "
                                 f"{self._alloc.used_bytes} used, cannot place {nbytes} bytes"
                                 + hint, key, nbytes=nbytes)
-        try:
-            os.posix_fallocate(self._fd, old, new - old)
-        except OSError as exc:
-            # The filesystem may have grown the file partly: keep only whole, known space.
+        minimal = old + need - tail_free
+        while True:
             try:
-                os.ftruncate(self._fd, old)
-            except OSError:
-                pass
-            raise self._err(exc.errno or errno.EIO, f"cannot grow swap area from {old} to "
-                            f"{new} bytes: {exc.strerror}", key, offset=old,
-                            nbytes=new - old) from exc
+                os.posix_fallocate(self._fd, old, new - old)
+                break
+            except OSError as exc:
+                # The filesystem may have grown the file partly: keep only whole, known space.
+                try:
+                    os.ftruncate(self._fd, old)
+                except OSError:
+                    pass
+                if exc.errno == errno.ENOSPC and new > minimal:
+                    new = minimal  # a nearly full disk: grow by just what this tensor needs
+                    continue
+                raise self._err(exc.errno or errno.EIO, f"cannot grow swap area from {old} "
+                                f"to {new} bytes: {exc.strerror}", key, offset=old,
+                                nbytes=new - old) from exc
         self._alloc.grow(new)
         off = self._alloc.alloc(nbytes)
         if off is None:  # cannot happen after growing by at least `need`

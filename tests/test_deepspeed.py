@@ -175,3 +175,14 @@ def test_fused_overflow_check_replaces_stage3_has_overflow(monkeypatch):
     finally:
         ma_ds.disable()
     assert Stage3.has_overflow is original
+
+
+def test_full_swap_disk_fails_with_a_clear_error(tmp_path, small_ext4):
+    """A swap folder on a 32 MiB filesystem cannot hold the LLaMA's ~55 MB of state: the run
+    stops with SwapIOError naming ENOSPC, the tensor and the file (stock DeepSpeed ignores
+    the failed writes' results)."""
+    with pytest.raises(AssertionError) as info:
+        run(tmp_path, model="llama", device="nvme", steps=2, swap=small_ext4, timeout=300)
+    log = str(info.value)
+    assert "SwapIOError" in log and "No space left on device" in log, log[-2000:]
+    assert "memascend.swp" in log and ".tensor.swp" in log, log[-2000:]

@@ -69,6 +69,18 @@ def test_enospc_on_full_filesystem_loses_nothing(small_ext4):
         assert set(store.keys()) == (set(stored) - {first}) | {"again"}
 
 
+def test_grow_step_larger_than_the_free_space_falls_back_to_what_is_needed(small_ext4):
+    """A 256 MiB grow step on a 32 MiB filesystem: the store grows by what each tensor needs
+    instead of failing with ENOSPC while the tensor would fit."""
+    pool = PinnedPool()
+    t = torch.arange((4 << 20) // 4, dtype=torch.float32)
+    with SwapStore(os.path.join(small_ext4, "swap"), grow_bytes="256MiB", pool=pool) as store:
+        store.write("a", t).wait(30)
+        store.write("b", t * 2).wait(30)
+        assert store.stats().area_bytes < 32 << 20
+        assert torch.equal(store.read_tensor("b").wait(30), t * 2)
+
+
 def test_raw_block_device(loop_device, tmp_path):
     pool = PinnedPool()
     meta = str(tmp_path / "meta")
