@@ -58,6 +58,8 @@ def ds_config(spec):
                  "buffer_size": 2_000_000, "max_in_cpu": 0, "pin_memory": spec.get("pin", True)}
     off_opt = {"device": dev, "nvme_path": spec["swap"], "buffer_count": 4,
                "pin_memory": spec.get("pin", True)}
+    if spec.get("fast_init"):
+        off_opt["fast_init"] = True
     if spec.get("pipeline"):
         off_opt.update(pipeline_read=True, pipeline_write=True, buffer_count=12)
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,

@@ -83,11 +83,16 @@ def test_nvme_through_memascend_matches_cpu_offload(tmp_path, model):
     assert sorted(files) == ["memascend.swp", "memascend.swp"], files
 
 
-def test_pipelined_optimizer_swapper(tmp_path):
+def test_pipelined_optimizer_swapper_and_fast_init(tmp_path):
     ref = run(tmp_path, model="mlp", device="cpu", steps=3)[0]
     got = run(tmp_path, model="mlp", device="nvme", steps=3, pipeline=True)[0]
     close(got["losses"], ref["losses"])
     assert got["optimizer_swapper"] == "MemAscendPipelinedOptimizerSwapper"
+    # fast_init builds the fp32 state from the swapped parameters through the parameter
+    # swapper's reserved buffers
+    fast = run(tmp_path, model="mlp", device="nvme", steps=3, fast_init=True,
+               swap=str(tmp_path / "swap-fast"))[0]
+    close(fast["losses"], ref["losses"])
 
 
 def test_checkpoint_save_load_continue(tmp_path):

@@ -46,11 +46,22 @@ class StoreAioHandle:
         self._queue_depth = queue_depth
 
     def key_of(self, path: str) -> str:
-        """The store key of a DeepSpeed swap path."""
+        """The store key of a DeepSpeed swap path in this handle's folder."""
         rel = os.path.relpath(os.path.abspath(path), self._folder)
         if rel.startswith(".."):
             raise MemAscendError(f"swap path {path} is outside the swap folder {self._folder}")
         return rel
+
+    def _locate(self, path: str) -> tuple[SwapStore, str]:
+        """The store and key of ``path``: this handle's area, or another tier's (DeepSpeed's
+        fast optimizer init reads the parameter tier through the optimizer's handle)."""
+        path = os.path.abspath(path)
+        if os.path.relpath(path, self._folder).startswith(".."):
+            found = self._rt.store_for(path)
+            if found is None:
+                raise MemAscendError(f"swap path {path} is in no memascend swap area")
+            return found
+        return self._store, self.key_of(path)
 
     @staticmethod
     def _check_offset(file_offset: int, path: str) -> None:
@@ -61,25 +72,29 @@ class StoreAioHandle:
     def async_pread(self, buffer: Any, filename: str, file_offset: int = 0) -> int:
         """Start reading ``filename``'s tensor into ``buffer``; 0 on a started read."""
         self._check_offset(file_offset, filename)
-        self._pending.append(self._store.read(self.key_of(filename), buffer))
+        store, key = self._locate(filename)
+        self._pending.append(store.read(key, buffer))
         return 0
 
     def async_pwrite(self, buffer: Any, filename: str, file_offset: int = 0) -> int:
         """Start writing ``buffer`` as ``filename``'s tensor; 0 on a started write."""
         self._check_offset(file_offset, filename)
-        self._pending.append(self._store.write(self.key_of(filename), buffer.detach()))
+        store, key = self._locate(filename)
+        self._pending.append(store.write(key, buffer.detach()))
         return 0
 
     def sync_pread(self, buffer: Any, filename: str, file_offset: int = 0) -> int:
         """Blocking :meth:`async_pread` (of this one operation); returns 1."""
         self._check_offset(file_offset, filename)
-        self._store.read(self.key_of(filename), buffer).wait()
+        store, key = self._locate(filename)
+        store.read(key, buffer).wait()
         return 1
 
     def sync_pwrite(self, buffer: Any, filename: str, file_offset: int = 0) -> int:
         """Blocking :meth:`async_pwrite` (of this one operation); returns 1."""
         self._check_offset(file_offset, filename)
-        self._store.write(self.key_of(filename), buffer.detach()).wait()
+        store, key = self._locate(filename)
+        store.write(key, buffer.detach()).wait()
         return 1
 
     def wait(self) -> int:

@@ -97,6 +97,7 @@ class MemAscendPartitionedOptimizerSwapper(_StoreBacked, PartitionedOptimizerSwa
         self.aio_handle = self._open_store(swap_config, aio_config, base_folder)
         OptimizerSwapper.__init__(self, swap_config, aio_config, base_folder, optimizer,
                                   largest_numel, device, dtype, timers, self.aio_handle)
+        self.rt.optimizer_largest_numel = self.largest_numel
         self.gradient_swapper = AsyncTensorSwapper(aio_handle=self.aio_handle,
                                                    numel_alignment=self.numel_alignment,
                                                    timers=self.timers)
@@ -113,6 +114,7 @@ class MemAscendPipelinedOptimizerSwapper(_StoreBacked, PipelinedOptimizerSwapper
         self.read_aio_handle = self._handle(aio_config)
         OptimizerSwapper.__init__(self, swap_config, aio_config, base_folder, optimizer,
                                   largest_numel, device, dtype, timers, self.write_aio_handle)
+        self.rt.optimizer_largest_numel = self.largest_numel
         self.gradient_swapper = AsyncTensorSwapper(aio_handle=self.write_aio_handle,
                                                    numel_alignment=self.numel_alignment,
                                                    timers=self.timers)

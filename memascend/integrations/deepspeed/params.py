@@ -202,14 +202,18 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
             p.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
 
     def reserve_available_buffers(self) -> list[Any]:
-        """Buffers for DeepSpeed's fast optimizer initialisation: the free slots, each of
-        ``buffer_size`` elements (transient; :meth:`release_reserved_buffers` frees them)."""
+        """Buffers for DeepSpeed's fast optimizer initialisation (transient;
+        :meth:`release_reserved_buffers` frees them): one per free slot, each as large as the
+        optimizer's largest sub-group (what DeepSpeed requires of them) rather than
+        ``buffer_size`` elements when the optimizer swapper is known."""
+        numel = self._io_aligned_numel(self.rt.optimizer_largest_numel or
+                                       self.aligned_elements_per_buffer)
         out = []
         for bid in self.available_buffer_ids:
-            lease = self.rt.lease(self.aligned_elements_per_buffer * self.swap_element_size)
+            lease = self.rt.lease(numel * self.swap_element_size)
             self._leases[bid] = lease
             self.reserved_buffer_ids.append(bid)
-            out.append(lease.as_tensor(self.dtype, self.aligned_elements_per_buffer))
+            out.append(lease.as_tensor(self.dtype, numel))
         self.available_buffer_ids = []
         return out
 

@@ -110,6 +110,7 @@ class Runtime:
         self._stores: dict[str, SwapStore] = {}
         self._leases: dict[int, Lease] = {}  # address -> lease, for is_pinned and frees
         self._mu = threading.Lock()
+        self.optimizer_largest_numel: Optional[int] = None  # set by the optimizer swapper
 
     def store(self, folder: str) -> SwapStore:
         """The swap area of ``folder`` (created on first use as ``folder/memascend.swp``)."""
@@ -122,6 +123,16 @@ class Runtime:
                                pool=self.pool, durable=False, checksum=self.options.checksum)
                 self._stores[folder] = st
             return st
+
+    def store_for(self, path: str) -> Optional[tuple[SwapStore, str]]:
+        """The swap area whose folder holds ``path``, and the key of ``path`` in it."""
+        path = os.path.abspath(path)
+        with self._mu:
+            for folder, st in self._stores.items():
+                rel = os.path.relpath(path, folder)
+                if not rel.startswith(".."):
+                    return st, rel
+        return None
 
     def drop_store(self, folder: str) -> None:
         """Close the swap area of ``folder`` (DeepSpeed is about to delete the folder)."""
