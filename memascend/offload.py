@@ -381,14 +381,26 @@ class OffloadedModel:
             return False
         names = [n for n in self._params if n in self._has_grad]
         keys_of = lambda n: [f"master/{n}", f"g/{n}"] + ([f"m/{n}", f"v/{n}"] if n in self._has_state else [])  # noqa: E731
-        lookahead = 2
-        for n in names[:lookahead]:
-            self.optim_sw.prefetch(keys_of(n))
+        # Read-ahead of the next parameters, at most two, and only while the current and the
+        # read-ahead ones take at most half the tier's budget (the other half is for the
+        # write-behind): a read-ahead that does not fit would be evicted before its use and
+        # read twice.
+        window = self.optim_sw.config.budget_bytes // 2
+        cost = {n: 4 * (-(-math.prod(self._shapes[n]) * 4 // 4096) * 4096) for n in names}
+        ahead = 0  # names[:ahead] have been prefetched
+
+        def read_ahead(i: int) -> None:
+            nonlocal ahead
+            ahead = max(ahead, i)
+            while ahead < min(len(names), i + 3) and \
+                    sum(cost[m] for m in names[i:ahead + 1]) <= window:
+                self.optim_sw.prefetch(keys_of(names[ahead]))
+                ahead += 1
+
         opt = self.opt
         writes = []
         for i, n in enumerate(names):
-            for nxt in names[i + lookahead:i + lookahead + 1]:
-                self.optim_sw.prefetch(keys_of(nxt))
+            read_ahead(i)
             master = self.optim_sw.swap_in(f"master/{n}").wait()
             grad = self.optim_sw.swap_in(f"g/{n}").wait()
             if n not in self._has_state:

@@ -357,3 +357,23 @@ def test_saved_view_of_another_dtype_is_kept_as_a_copy(tmp_path):
         got = om.optim_sw.swap_in("g/w").wait().clone()
         om.optim_sw.release("g/w")
         assert torch.equal(got, ref.w.grad)
+
+
+def test_step_read_ahead_fits_the_optimizer_budget(tmp_path):
+    """With an optimizer budget of about two parameters' state, the step's read-ahead must
+    not prefetch what it will evict before use. Measured here: a fixed read-ahead of two
+    parameters read 1.71-2.13x the state per step; the budget-bounded one 1.08-1.38x (the
+    write-behind's timing still evicts a few tensors)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512, bias=False) for _ in range(6)])
+    x, y = torch.randn(8, 512), torch.randn(8, 512)
+    per_param = 512 * 512 * 4
+    with offload_model(model, str(tmp_path), budget="8MiB", optimizer_budget=9 * per_param,
+                       optimizer=AdamW(lr=LR)) as om:
+        for _ in range(3):
+            before = om.optim_sw.stats().bytes_read
+            om.backward(torch.nn.functional.mse_loss(model(x), y))
+            om.step()
+            read = om.optim_sw.stats().bytes_read - before
+        # master, gradient, m and v of 6 weights, once each
+        assert read <= 1.5 * 4 * 6 * per_param, read / (4 * 6 * per_param)
