@@ -12,11 +12,13 @@ but:
 
 - each resident parameter gets an **exact-size lease** (aligned to DeepSpeed's I/O numel
   alignment) taken when it is swapped in and returned when it is released;
-- the slots are a **byte budget**, not a count: ``buffer_count`` × the largest swapped
-  partition (:func:`memascend.sizing.ds_param_budget_bytes`, or ``param_budget``), and
-  ``available_swap_in_buffers()`` says how many more of the largest partition fit, which is
-  what bounds DeepSpeed's prefetch. A fetch DeepSpeed *needs* (not a prefetch) is never
-  refused: beyond the budget it is served and counted as ``overdraft_bytes``;
+- the slots are bounded in bytes: ``buffer_count`` × the largest swapped partition
+  (:func:`memascend.sizing.ds_param_budget_bytes`, or ``param_budget``).
+  ``available_swap_in_buffers()``, which bounds DeepSpeed's prefetch, says how many more of
+  the largest partition fit, and (without ``param_budget``) keeps at most ``buffer_count``
+  partitions resident as stock does, so resident bytes are the real partitions' sizes. A
+  fetch DeepSpeed *needs* (not a prefetch) is never refused: beyond the budget it is served
+  and counted as ``overdraft_bytes``;
 - tensors live in one swap area per tier through :class:`~.aio.StoreAioHandle` (io_uring,
   every completion checked);
 - the post-step write-back converts each fp32 partition through one exact-size staging lease
@@ -102,9 +104,15 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
             self._note_numel(p.ds_tensor.ds_numel)
 
     def available_swap_in_buffers(self) -> int:
-        """How many more partitions of the largest size fit in the budget now."""
+        """How many more partitions DeepSpeed may prefetch now: as many of the largest size as
+        fit in the budget and, unless ``param_budget`` was given, no more resident partitions
+        than ``buffer_count`` (as stock). Without that count the byte budget would fill with
+        many small partitions and the exact sizing would save nothing."""
         largest = max(self._largest_bytes, 1)
-        return max(0, (self.budget_bytes() - self.in_use_bytes) // largest)
+        free = max(0, (self.budget_bytes() - self.in_use_bytes) // largest)
+        if self.options.param_budget is None:
+            free = min(free, max(0, self.param_buffer_count - len(self._leases)))
+        return free
 
     def _take_buffer(self, numel: int) -> tuple[int, Any]:
         aligned = self._io_aligned_numel(numel)
