@@ -1,9 +1,12 @@
 """The ``memascend`` command line.
 
 Subcommands: ``info`` (what this machine and process allow: native build, memlock, io_uring,
-and which swap-engine backend ``auto`` picks and why)
-and ``demo`` (fine-tunes a small LLaMA-style model with parameters and optimizer state on SSD
-and reports the memory footprint; ``--selfcheck`` runs the pinned-pool self-check instead). Every command that reports numbers takes ``--json``. The library never prints;
+and which swap-engine backend ``auto`` picks and why),
+``demo`` (fine-tunes a small LLaMA-style model with parameters and optimizer state on SSD
+and reports the memory footprint; ``--selfcheck`` runs the pinned-pool self-check instead)
+and ``profile`` (``estimate``: the memory footprint of a configuration, stock DeepSpeed vs
+memascend, before a run; ``run -- CMD``: runs a command and samples its process tree's
+memory, I/O and CPU). Every command that reports numbers takes ``--json``. The library never prints;
 this module does. Bad input exits with status 2 and a one-line message.
 """
 from __future__ import annotations
@@ -213,6 +216,110 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _load_model(name: str) -> dict[str, Any]:
+    """A demo preset, a ``configs/models`` preset or a ``config.json`` path."""
+    from .demo import PRESETS, model_config
+    from .shapes import load_model_config
+
+    if name in PRESETS:
+        return model_config(name)
+    return load_model_config(name)
+
+
+def _load_json_file(path: str, what: str) -> Any:
+    from .errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(what, f"file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(what, f"cannot read {path!r}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(what, f"{path!r} is not valid JSON: {exc}") from None
+
+
+#: The DeepSpeed config ``profile estimate`` assumes without ``--ds-config``: ZeRO-Infinity
+#: (stage 3, parameters and optimizer state on NVMe), bf16, every other value DeepSpeed's
+#: default.
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "bf16": {"enabled": True},
+    "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"},
+                          "offload_optimizer": {"device": "nvme"}},
+}
+
+
+def cmd_profile_estimate(args: argparse.Namespace) -> int:
+    from .config import parse_size
+    from .profile import EstimateReport, Workload, estimate_deepspeed, estimate_offload
+    from .profile.estimate import machine_warnings
+    from .profile.report import format_estimate
+    from .shapes import parameter_count
+    from .sizing import parse_deepspeed_config
+
+    model = _load_model(args.model)
+    n_params = parameter_count(model)  # validates the shapes (ConfigError names the key)
+    raw_ds = _load_json_file(args.ds_config, "--ds-config") if args.ds_config else DEFAULT_DS_CONFIG
+    ds = parse_deepspeed_config(raw_ds)
+    runtime = parse_size("--runtime", args.runtime) if args.runtime else None
+    w = Workload(model, batch=args.batch, seq=args.seq, gpus=args.gpus,
+                 micro_batches=args.micro_batches, checkpointing=args.checkpointing,
+                 runtime_bytes=runtime)
+    budget = parse_size("--budget", args.budget) if args.budget else None
+    obudget = parse_size("--optimizer-budget", args.optimizer_budget) \
+        if args.optimizer_budget else None
+    ests = [estimate_deepspeed(w, ds, flavor="stock"), estimate_deepspeed(w, ds, flavor="memascend"),
+            estimate_offload(w, compute_dtype=args.dtype or ds.model_dtype, budget=budget,
+                             optimizer_budget=obudget)]
+    report = EstimateReport(model, n_params, w, tuple(ests),
+                            tuple(machine_warnings(ests, phys_bytes(), lockable_bytes())))
+    if args.json:
+        doc = report.to_dict()
+        doc["deepspeed_config"] = {"path": args.ds_config, **ds.to_dict()}
+        doc["machine"] = {"physical_bytes": phys_bytes(), "lockable_bytes": lockable_bytes()}
+        print(json.dumps(doc, indent=2))
+    else:
+        if not args.ds_config:
+            print("(no --ds-config: DeepSpeed ZeRO-Infinity defaults, bf16, parameters and "
+                  "optimizer on NVMe)")
+        print(format_estimate(report))
+    return 0
+
+
+def cmd_profile_run(args: argparse.Namespace) -> int:
+    import os
+
+    from .errors import ConfigError
+    from .profile.report import check_matplotlib, format_run, plot_timeline
+    from .profile.sampler import run_profiled
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise ConfigError("command", "nothing to run: memascend profile run [options] -- CMD ...")
+    if args.plot:
+        check_matplotlib()
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            raise ConfigError("--plot", f"directory {folder!r} does not exist")
+    result = run_profiled(cmd, interval=args.interval / 1000.0, adopt_orphans=True)
+    if args.plot:
+        try:
+            plot_timeline(result, args.plot)
+        except OSError as exc:
+            print(f"memascend: cannot write the plot {args.plot!r}: {exc}", file=sys.stderr)
+    if args.json:
+        doc = result.to_dict(timeline=args.timeline)
+        doc["plot"] = args.plot
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_run(result) + (f"\n  plot            {args.plot}" if args.plot else ""),
+              file=sys.stderr)
+    return result.exit_code
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -265,7 +372,76 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lock", choices=["auto", "required", "off"], default="auto",
                       help="pool lock mode of --selfcheck (default auto)")
     demo.set_defaults(func=cmd_demo)
+    _add_profile(sub)
     return p
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _add_profile(sub: Any) -> None:
+    prof = sub.add_parser("profile", help="estimate or measure the memory footprint of "
+                                          "SSD-offloaded training")
+    psub = prof.add_subparsers(dest="profile_command", required=True)
+    est = psub.add_parser(
+        "estimate", help="peak host memory, locked memory and SSD traffic of a configuration: "
+                         "stock DeepSpeed ZeRO-Infinity vs memascend")
+    est.add_argument("--model", required=True,
+                     help="a config.json path, a configs/models preset or a demo preset")
+    est.add_argument("--ds-config", default=None,
+                     help="DeepSpeed config JSON (default: ZeRO-Infinity defaults, bf16, "
+                          "parameters and optimizer on NVMe)")
+    est.add_argument("--batch", type=_positive_int, default=1, help="micro-batch size (1)")
+    est.add_argument("--seq", type=_positive_int, default=512, help="sequence length (512)")
+    est.add_argument("--gpus", type=_nonneg_int, default=1,
+                     help="GPU ranks on this machine (1); 0 = CPU-only training, activations "
+                          "in host memory")
+    est.add_argument("--micro-batches", type=_positive_int, default=1,
+                     help="gradient accumulation steps per optimizer step (1)")
+    est.add_argument("--checkpointing", action="store_true",
+                     help="per-layer activation checkpointing")
+    est.add_argument("--budget", default=None,
+                     help="plain path: pinned budget of the parameter tier (default 1GiB)")
+    est.add_argument("--optimizer-budget", default=None,
+                     help="plain path: pinned budget of the optimizer tier (default: --budget)")
+    est.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="plain path: compute dtype (default: the DeepSpeed config's)")
+    est.add_argument("--runtime", default=None,
+                     help="resident bytes of the Python + torch runtime, e.g. 350MiB "
+                          "(default: measured constants, see memascend.sizing)")
+    est.add_argument("--json", action="store_true", help="print JSON")
+    est.set_defaults(func=cmd_profile_estimate)
+    run = psub.add_parser(
+        "run", help="run a command and sample its process tree: RSS, VmLck, VmPin, I/O, CPU",
+        description="Run CMD, sample its whole process tree from /proc, print the peaks on "
+                    "stderr (or JSON on stdout); the exit code is CMD's.")
+    run.add_argument("--interval", type=_positive_float, default=100.0,
+                     help="sampling interval in milliseconds (100)")
+    run.add_argument("--plot", default=None, metavar="FILE.png",
+                     help="write a timeline plot with the peak marked (needs matplotlib)")
+    run.add_argument("--json", action="store_true",
+                     help="print the peaks as JSON on stdout after CMD exits")
+    run.add_argument("--timeline", action="store_true",
+                     help="with --json: include every sample")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS ...]")
+    run.set_defaults(func=cmd_profile_run)
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:

@@ -37,6 +37,7 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import (
 from deepspeed.runtime.swap_tensor.utils import AIO_ALIGNED_BYTES, MIN_AIO_BYTES
 
 from ...errors import ConfigError, MemAscendError
+from ...sizing import ds_param_budget_bytes
 from .aio import StoreAioHandle
 from .runtime import Options, runtime
 from . import state
@@ -89,7 +90,7 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
         """Pinned bytes the parameter tier may hold (see the module docstring)."""
         if self.options.param_budget is not None:
             return int(self.options.param_budget)
-        return self.param_buffer_count * (-(-self._largest_bytes // 4096) * 4096)
+        return ds_param_budget_bytes(self.param_buffer_count, self._largest_bytes)
 
     def _note_numel(self, numel: int) -> int:
         nbytes = self._io_aligned_numel(numel) * self.swap_element_size

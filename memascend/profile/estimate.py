@@ -1,0 +1,518 @@
+"""The footprint model: peak host memory, locked memory and SSD traffic of a configuration.
+
+Builds on the rules in :mod:`memascend.sizing` and puts them together per system:
+
+- ``deepspeed``: stock DeepSpeed 0.19.8 ZeRO-3 / ZeRO-Infinity with the given config;
+- ``memascend-deepspeed``: the same config with memascend's drop-in swappers (exact-size
+  parameter and optimizer budgets, no partitioned reserve, chunked overflow check);
+- ``memascend``: memascend's plain-PyTorch path (``offload_model``) with its two budgets.
+
+Each :class:`Estimate` lists its components (bytes, and whether they are *locked* — pinned
+swap buffers —, *resident* — other memory held from start-up on —, *transient* — alive only
+in one phase —, or *virtual* — address space never touched, not RSS), the phase in which the
+peak falls and that peak. Peak = the persistent components + the largest phase's transients:
+start-up (``init``), forward/backward (``backward``), the optimizer step (``step``) and, with
+fp16, the overflow check before it (``overflow_check``).
+Activations count toward host memory only when the model computes on the CPU (``gpus=0``).
+Everything here is arithmetic on shapes; reading files is the caller's business.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+from .. import sizing as sz
+from ..errors import ConfigError
+from ..shapes import llama_parameter_shapes
+
+KINDS = ("locked", "resident", "transient", "virtual")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One part of a footprint.
+
+    Attributes
+    ----------
+    name:
+        Stable identifier (``"param_pool"``, ``"optimizer_pool"``, ...).
+    label:
+        What it is, for people.
+    nbytes:
+        Its size in bytes.
+    kind:
+        ``"locked"``, ``"resident"``, ``"transient"`` or ``"virtual"`` (see module docstring).
+    phase:
+        For transients, the moment they belong to (``"init"``, ``"backward"``, ``"step"``,
+        or ``"overflow_check"`` — the fp16 check at the start of a step, not at the same time
+        as the step's other transients); ``""`` otherwise.
+    note:
+        Where the number comes from.
+    """
+
+    name: str
+    label: str
+    nbytes: int
+    kind: str
+    phase: str = ""
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The component as a dict."""
+        return {"name": self.name, "label": self.label, "bytes": self.nbytes, "kind": self.kind,
+                "phase": self.phase, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A footprint estimate for one system (per process / rank, and per node).
+
+    Attributes
+    ----------
+    system:
+        ``"deepspeed"``, ``"memascend-deepspeed"`` or ``"memascend"``.
+    title:
+        A one-line description.
+    components:
+        The parts (:class:`Component`).
+    ranks:
+        Training processes on this machine (one per GPU; 1 on a CPU-only run).
+    ssd:
+        Capacity and traffic per step, per rank.
+    notes:
+        Assumptions and warnings about the configuration itself.
+    """
+
+    system: str
+    title: str
+    components: tuple[Component, ...]
+    ranks: int
+    ssd: sz.SsdTraffic
+    notes: tuple[str, ...] = ()
+
+    def _sum(self, kinds: Sequence[str]) -> int:
+        return sum(c.nbytes for c in self.components if c.kind in kinds)
+
+    @property
+    def persistent_bytes(self) -> int:
+        """Locked plus resident bytes (held from start-up on)."""
+        return self._sum(("locked", "resident"))
+
+    @property
+    def locked_bytes(self) -> int:
+        """Pinned (mlock'ed) bytes per rank."""
+        return self._sum(("locked",))
+
+    def phase_bytes(self) -> dict[str, int]:
+        """Transient bytes of each phase."""
+        out = {"init": 0, "backward": 0, "step": 0}  # overflow_check too, when fp16
+        for c in self.components:
+            if c.kind == "transient":
+                out[c.phase] = out.get(c.phase, 0) + c.nbytes
+        return out
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase whose transients are largest (where the peak falls)."""
+        phases = self.phase_bytes()
+        return max(phases, key=lambda k: (phases[k], k == "step"))
+
+    @property
+    def peak_bytes(self) -> int:
+        """Peak RSS of one rank: persistent bytes + the largest phase's transients."""
+        return self.persistent_bytes + max(self.phase_bytes().values())
+
+    @property
+    def node_peak_bytes(self) -> int:
+        """Peak RSS of the machine: ``ranks × peak_bytes`` (each rank has its own pools)."""
+        return self.ranks * self.peak_bytes
+
+    @property
+    def virtual_bytes(self) -> int:
+        """Address space reserved but never touched (not in RSS)."""
+        return self._sum(("virtual",))
+
+    def component(self, name: str) -> Optional[Component]:
+        """The component called ``name``, or None."""
+        return next((c for c in self.components if c.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The estimate as a JSON-ready dict."""
+        return {"system": self.system, "title": self.title, "ranks": self.ranks,
+                "peak_bytes": self.peak_bytes, "node_peak_bytes": self.node_peak_bytes,
+                "peak_phase": self.peak_phase, "locked_bytes": self.locked_bytes,
+                "node_locked_bytes": self.ranks * self.locked_bytes,
+                "persistent_bytes": self.persistent_bytes, "virtual_bytes": self.virtual_bytes,
+                "phase_transient_bytes": self.phase_bytes(),
+                "components": [c.to_dict() for c in self.components],
+                "ssd": self.ssd.to_dict(),
+                "node_ssd": {k: v * self.ranks for k, v in self.ssd.to_dict().items()},
+                "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained and how (shared by every system's estimate).
+
+    Attributes
+    ----------
+    model:
+        LLaMA-style config dict (``configs/models/*.json`` or a HF ``config.json``).
+    batch, seq:
+        Micro-batch size and sequence length.
+    gpus:
+        Training processes with one GPU each; 0 means a CPU-only run (one process, the CPU
+        accelerator), where activations are in host memory.
+    micro_batches:
+        Gradient accumulation steps per optimizer step.
+    checkpointing:
+        Per-layer activation checkpointing.
+    runtime_bytes:
+        Override of the measured Python + torch (+ transformers, DeepSpeed) runtime.
+    """
+
+    model: Mapping[str, Any]
+    batch: int = 1
+    seq: int = 512
+    gpus: int = 1
+    micro_batches: int = 1
+    checkpointing: bool = False
+    runtime_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for key in ("batch", "seq", "micro_batches"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(key, f"must be positive, got {getattr(self, key)}")
+        if int(self.gpus) < 0:
+            raise ConfigError("gpus", f"must be >= 0, got {self.gpus}")
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel ranks (1 for a CPU-only run)."""
+        return max(1, int(self.gpus))
+
+    @property
+    def host_activations(self) -> bool:
+        """Whether activations live in host memory (CPU-only compute)."""
+        return int(self.gpus) == 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per micro-batch."""
+        return int(self.batch) * int(self.seq)
+
+
+def _model_numels(model: Mapping[str, Any]) -> list[int]:
+    return [math.prod(shape) for _name, shape in llama_parameter_shapes(dict(model))]
+
+
+def _activations(w: Workload, elem_bytes: int, largest: int) -> list[Component]:
+    """Host-memory activation components of the backward phase (CPU compute only)."""
+    if not w.host_activations:
+        return []
+    acts = sz.llama_activation_bytes(w.model, w.batch, w.seq, elem_bytes, w.checkpointing)
+    extra = sz.offload_backward_transient_bytes(largest, elem_bytes, w.tokens,
+                                                int(w.model["vocab_size"]))
+    return [
+        Component("activations", "activations saved for backward", acts, "transient",
+                  "backward", f"LLaMA, {w.batch}x{w.seq} tokens"
+                  + (", checkpointed" if w.checkpointing else "")),
+        Component("backward_temporaries", "logits gradients + one weight gradient", extra,
+                  "transient", "backward", "2 x tokens x vocab x 4 B + largest parameter"),
+    ]
+
+
+def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "stock") -> Estimate:
+    """Footprint of ZeRO-3 with this DeepSpeed config, stock or with memascend's swappers.
+
+    Parameters
+    ----------
+    w:
+        The workload.
+    ds:
+        The parsed DeepSpeed config (:func:`memascend.sizing.parse_deepspeed_config`).
+    flavor:
+        ``"stock"`` (DeepSpeed's own swappers) or ``"memascend"`` (the drop-in).
+
+    Returns
+    -------
+    Estimate
+
+    Raises
+    ------
+    ConfigError
+        Not ZeRO stage 3, or an unknown flavor.
+    """
+    if flavor not in ("stock", "memascend"):
+        raise ConfigError("flavor", f"must be 'stock' or 'memascend', got {flavor!r}")
+    if ds.stage != 3:
+        raise ConfigError("zero_optimization.stage",
+                          f"the estimate models ZeRO stage 3 (ZeRO-Infinity), got {ds.stage}")
+    stock = flavor == "stock"
+    notes = list(ds.notes)
+    ws = w.world_size
+    e, ge = ds.model_bytes, ds.grad_bytes
+    a = sz.ds_numel_alignment(e, ds.aio_intra_op_parallelism)
+    a32 = sz.ds_numel_alignment(4, ds.aio_intra_op_parallelism)
+    full = _model_numels(w.model)
+    parts = [sz.ds_partition_numel(n, ws) for n in full]
+    n_part = sum(parts)
+    groups = sz.ds_sub_groups(parts, ds.sub_group_size)
+    group_totals = [sum(g) for g in groups]
+    largest_group = max(group_totals)
+    flat = sz.ds_fp16_flat_cpu_numel(n_part, ds.max_in_cpu, ds.params_on_nvme) \
+        if ds.param_device != "none" else 0
+    in_cpu = sz.ds_subgroups_in_cpu(group_totals, flat, ds.params_on_nvme)
+    full_groups, i = [], 0
+    for g in groups:
+        full_groups.append(full[i:i + len(g)])
+        i += len(g)
+    swapped = [p for p in parts if sz.ds_is_swappable(p, e, ds.aio_block_size)]
+    comps: list[Component] = []
+
+    runtime = w.runtime_bytes if w.runtime_bytes is not None else \
+        sz.runtime_bytes(transformers=True, deepspeed=True)
+    comps.append(Component("runtime", "Python + torch + transformers + DeepSpeed", runtime,
+                           "resident", note="measured constant" if w.runtime_bytes is None
+                           else "given"))
+    comps.append(Component("training_runtime", "model skeleton, kernels, autograd",
+                           sz.TRAINING_RUNTIME_BYTES, "resident", note="measured constant"))
+    comps.append(Component("deepspeed_engine", "DeepSpeed engine, cpu_adam, aio handles",
+                           sz.DEEPSPEED_ENGINE_BYTES, "resident", note="measured constant"))
+
+    # Parameter swap pool (ZeRO-Infinity parameter offload to NVMe).
+    if ds.params_on_nvme:
+        largest_swapped = max(swapped, default=0)
+        if stock:
+            if largest_swapped and sz.ds_align(largest_swapped, a) > sz.ds_align(ds.param_buffer_size, a):
+                notes.append(f"the largest swapped parameter partition has {largest_swapped:,} "
+                             f"elements > offload_param.buffer_size {ds.param_buffer_size:,}: "
+                             "DeepSpeed refuses to start (issue #3506)")
+            pool = sz.ds_param_pool_bytes(ds.param_buffer_count, ds.param_buffer_size, e, a)
+            comps.append(Component("param_pool", "parameter swap pool", pool, "locked",
+                                   note=f"{ds.param_buffer_count} x {sz.ds_align(ds.param_buffer_size, a):,} "
+                                        f"elements x {e} B"))
+            comps.append(Component("param_pool_unpinned_copy",
+                                   "unpinned copy of the parameter pool at start-up", pool,
+                                   "virtual", note="torch.empty never written: address space, "
+                                                   "not RSS"))
+        else:
+            pool = sz.ds_param_budget_bytes(ds.param_buffer_count, sz.ds_align(largest_swapped, a) * e)
+            comps.append(Component("param_pool", "parameter tier budget (exact-size)", pool,
+                                   "locked", note=f"{ds.param_buffer_count} x largest swapped "
+                                                  "partition, 4096-rounded"))
+        if stock:
+            reserve = sz.ds_partitioned_reserve_bytes(full_groups, group_totals, in_cpu, e, a)
+            comps.append(Component("partitioned_reserve", "partitioned swap reserve (write-back)",
+                                   reserve, "locked",
+                                   note="largest sub-group, full numel" if reserve else
+                                   "not allocated: every sub-group is in the flat CPU buffer"))
+        else:
+            comps.append(Component("partitioned_reserve", "partitioned swap reserve", 0,
+                                   "locked", note="none: one exact-size staging lease at a time"))
+    if ds.param_device != "none":
+        fb = flat * e
+        comps.append(Component("fp16_flat_cpu", "fp16 flat CPU parameter buffer (max_in_cpu)", fb,
+                               "resident", note=f"min(partition, max_in_cpu={ds.max_in_cpu:,}) x {e} B"
+                               if ds.params_on_nvme else "whole partition (offload to CPU)"))
+        if ds.params_on_nvme and flat >= n_part and swapped:
+            notes.append("max_in_cpu >= the model: every parameter stays in the CPU flat buffer, "
+                         "none is read from NVMe during training (DeepSpeed issue #4221)")
+
+    # Optimizer swap pool.
+    swappable_opt = ds.optimizer_on_nvme and sz.ds_is_swappable(largest_group, 4, ds.aio_block_size)
+    if ds.optimizer_on_nvme:
+        if stock:
+            opool = sz.ds_optimizer_pool_bytes(ds.optimizer_buffer_count, largest_group, 4, a32)
+            note = f"{ds.optimizer_buffer_count} x {sz.ds_align(largest_group, a32):,} elements x 4 B"
+        else:
+            opool = sz.ds_optimizer_budget_bytes(ds.optimizer_buffer_count, largest_group)
+            note = f"{ds.optimizer_buffer_count} x largest sub-group x 4 B, 4096-rounded"
+        comps.append(Component("optimizer_pool", "optimizer swap pool" if stock else
+                               "optimizer tier budget (exact-size)", opool, "locked", note=note))
+        if ds.pipeline_read or ds.pipeline_write:
+            notes.append("pipelined optimizer swapping needed buffer_count >= 12 to run in "
+                         "DeepSpeed 0.19.8 (\"ran out of swap buffers\" below)")
+    elif ds.optimizer_device == "cpu":
+        comps.append(Component("optimizer_cpu", "fp32 master + Adam moments in CPU memory",
+                               3 * n_part * 4, "resident", note="optimizer offload to CPU"))
+
+    comps.append(Component("gradient_buffer", "flat gradient buffer",
+                           sz.ds_gradient_buffer_bytes(n_part, ge), "resident",
+                           note=f"every partition element x {ge} B ({ds.grad_accum_dtype})"))
+    comps.append(Component("ipg_bucket", "contiguous-gradients bucket (written part)",
+                           sz.ds_ipg_bucket_bytes(n_part, ds.reduce_bucket_size, e,
+                                                  ds.contiguous_gradients), "resident",
+                           note=f"min(reduce_bucket_size, model) x {e} B"))
+    if swappable_opt:
+        comps.append(Component("fp32_gradient_copies", "fp32 gradient copies of one bucket",
+                               sz.ds_fp32_gradient_copies_bytes(n_part, ds.reduce_bucket_size),
+                               "resident", note="freed, but kept in glibc's heap"))
+        init32 = sz.ds_init_fp32_buffers_bytes(group_totals, in_cpu, ds.fast_init) \
+            if ds.params_on_nvme else 0
+        if init32:
+            comps.append(Component("init_fp32_buffers", "unpinned fp32 sub-group buffers at "
+                                   "initialize", init32, "transient", "init_fp32_partitions",
+                                   note="two of the largest NVMe-resident sub-groups x 4 B"))
+        if ds.fast_init and not stock and ds.params_on_nvme:
+            comps.append(Component("fast_init_buffers", "fast_init staging leases",
+                                   ds.param_buffer_count * sz.round_up(largest_group * e),
+                                   "transient", "init_fp32_partitions",
+                                   note="buffer_count x largest sub-group, model dtype"))
+        comps.append(Component("init_gradient_buffer", "fp32 gradient buffer at initialize",
+                               largest_group * 4, "transient", "init",
+                               note="initialize_optimizer_states: largest sub-group x 4 B"))
+        comps.append(Component("adam_first_step", "Adam moments created by the first step",
+                               sz.ds_adam_first_step_bytes(largest_group), "transient", "step",
+                               note="2 x largest sub-group x 4 B"))
+    if ds.model_dtype == "float16":
+        # Before the sub-group loop of the step: its own moment, not added to the Adam moments.
+        ovf = sz.ds_overflow_check_bytes(n_part, ge, True) if stock else \
+            sz.chunked_overflow_check_bytes(ge, True)
+        comps.append(Component("overflow_check", "fp16 overflow-check temporaries", ovf,
+                               "transient", "overflow_check",
+                               note="isinf/isnan over the whole gradient buffer" if stock
+                               else "1 Mi elements at a time"))
+    pad = sz.ds_padding_bytes(swapped, e, a) if ds.params_on_nvme else 0
+    notes.append(f"DeepSpeed's {a}-element alignment pads the swapped parameters by "
+                 f"{pad:,} B in all")
+    comps.extend(_activations(w, e, max(full)))
+    if not w.host_activations:
+        notes.append("activations are in GPU memory (not counted); use --gpus 0 for a CPU run")
+    ssd = sz.ds_ssd_traffic(parts, groups, in_cpu, ds, page_aligned=not stock,
+                            sync_slack=0.0 if stock else 1.0, recompute=w.checkpointing,
+                            micro_batches=w.micro_batches)
+    title = ("stock DeepSpeed ZeRO-3" if stock else "memascend swappers in DeepSpeed ZeRO-3") + \
+        f" ({ds.model_dtype}, params {ds.param_device}, optimizer {ds.optimizer_device})"
+    return Estimate("deepspeed" if stock else "memascend-deepspeed", title, tuple(comps),
+                    1 if w.host_activations else ws, ssd, tuple(notes))
+
+
+def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
+                     budget: Optional[int] = None, optimizer_budget: Optional[int] = None,
+                     meta_init: bool = True) -> Estimate:
+    """Footprint of memascend's plain-PyTorch path (``offload_model``) for one process.
+
+    Persistent: the runtime, the training runtime and the two swappers' pinned buffers
+    (:func:`memascend.sizing.offload_pinned_bytes`). Transients: at start-up the largest
+    parameter materialized in fp32 (with ``meta_init``; otherwise the whole model built in
+    RAM first), in backward the activations and gradients (CPU compute), in the step the
+    AdamW temporaries of the largest parameter. Assumes glibc's mmap threshold is fixed at
+    128 KiB as the README recommends (``memascend.demo.fix_malloc_mmap_threshold``).
+
+    Parameters
+    ----------
+    w:
+        The workload (``gpus`` > 1 is not supported: the plain path is one process).
+    compute_dtype:
+        ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+    budget, optimizer_budget:
+        The pinned budgets (defaults as ``offload_model``: 1 GiB, and the same).
+    meta_init:
+        The model is built under :func:`memascend.meta_parameters`.
+
+    Raises
+    ------
+    ConfigError
+        Bad dtype or budget.
+    """
+    ce = sz.dtype_bytes(compute_dtype)
+    numels = _model_numels(w.model)
+    largest = max(numels)
+    b, ob = sz.offload_budgets(budget, optimizer_budget)
+    for key, val in (("budget", b), ("optimizer_budget", ob)):
+        if val <= 0:
+            raise ConfigError(key, f"must be positive, got {val}")
+    pp, po = sz.offload_pinned_bytes(numels, ce, b, ob)
+    tp, to = sz.offload_tier_bytes(numels, ce)
+    notes = []
+    if sz.round_up(largest * ce) > b:
+        notes.append(f"the largest parameter ({sz.round_up(largest * ce):,} B) does not fit the "
+                     f"parameter budget {b:,} B: offload_model raises PoolExhaustedError")
+    if sz.round_up(largest * 4) > ob:
+        notes.append(f"the largest fp32 tensor ({sz.round_up(largest * 4):,} B) does not fit the "
+                     f"optimizer budget {ob:,} B: offload_model raises PoolExhaustedError")
+    runtime = w.runtime_bytes if w.runtime_bytes is not None else sz.runtime_bytes(transformers=True)
+    comps = [
+        Component("runtime", "Python + torch + transformers + memascend", runtime, "resident",
+                  note="measured constant" if w.runtime_bytes is None else "given"),
+        Component("training_runtime", "model skeleton, kernels, autograd, swap engine",
+                  sz.TRAINING_RUNTIME_BYTES, "resident", note="measured constant"),
+        Component("param_pool", "parameter tier pinned buffers", pp, "locked",
+                  note=f"min(budget {b:,}, tier {tp:,})"),
+        Component("optimizer_pool", "optimizer tier pinned buffers", po, "locked",
+                  note=f"min(optimizer_budget {ob:,}, tier {to:,})"),
+        Component("materialize", "largest parameter materialized at start-up" if meta_init
+                  else "whole model built in RAM before offload", (largest if meta_init else
+                                                                   sum(numels)) * 4,
+                  "transient", "init", note="fp32"),
+        Component("step_temporaries", "AdamW temporaries of the largest parameter",
+                  sz.offload_step_transient_bytes(largest), "transient", "step",
+                  note="2 x largest x 4 B"),
+    ]
+    fp16 = compute_dtype in ("float16", "fp16", "half")
+    if fp16:
+        comps.append(Component("overflow_check", "fused overflow check (chunked)",
+                               sz.chunked_overflow_check_bytes(ce, True), "transient", "backward",
+                               note="1 Mi elements at a time"))
+    if w.host_activations:
+        comps.extend(_activations(w, ce, largest))
+    else:
+        notes.append("activations are in GPU memory (not counted); use --gpus 0 for a CPU run")
+        comps.append(Component("gradient", "one weight gradient before it is offloaded",
+                               largest * ce, "transient", "backward", note="largest parameter"))
+    if w.gpus > 1:
+        notes.append("offload_model trains in one process; --gpus > 1 is modelled as one rank")
+    ssd = sz.offload_ssd_traffic(numels, ce, b, ob, micro_batches=w.micro_batches)
+    return Estimate("memascend", f"memascend offload_model ({compute_dtype}, budgets "
+                                 f"{b / sz.MiB:.0f} + {ob / sz.MiB:.0f} MiB)",
+                    tuple(comps), 1, ssd, tuple(notes))
+
+
+def machine_warnings(estimates: Sequence[Estimate], phys_bytes: int,
+                     lockable_bytes: Optional[int]) -> list[str]:
+    """Warnings when an estimate exceeds this machine's RAM or memlock limit.
+
+    Parameters
+    ----------
+    estimates:
+        The estimates to check.
+    phys_bytes:
+        Physical memory of the machine.
+    lockable_bytes:
+        What this user may lock (None: unlimited).
+    """
+    out = []
+    for est in estimates:
+        if est.node_peak_bytes > phys_bytes:
+            out.append(f"{est.system}: estimated peak {est.node_peak_bytes / sz.GiB:.2f} GiB exceeds "
+                       f"this machine's RAM ({phys_bytes / sz.GiB:.2f} GiB)")
+        locked = est.ranks * est.locked_bytes
+        if lockable_bytes is not None and locked > lockable_bytes:
+            consequence = ("DeepSpeed aborts (SIGABRT) when mlock fails"
+                           if est.system == "deepspeed" else
+                           "memascend goes on with unlocked memory (lock='auto')")
+            out.append(f"{est.system}: {locked / sz.MiB:.0f} MiB locked exceeds the memlock limit "
+                       f"({lockable_bytes / sz.MiB:.0f} MiB): {consequence}")
+    return out
+
+
+@dataclass(frozen=True)
+class EstimateReport:
+    """Everything ``memascend profile estimate`` reports."""
+
+    model: Mapping[str, Any]
+    parameters: int
+    workload: Workload
+    estimates: tuple[Estimate, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        w = self.workload
+        return {"model": dict(self.model), "parameters": self.parameters,
+                "workload": {"batch": w.batch, "seq": w.seq, "gpus": w.gpus,
+                             "micro_batches": w.micro_batches, "checkpointing": w.checkpointing},
+                "estimates": {e.system: e.to_dict() for e in self.estimates},
+                "warnings": list(self.warnings)}

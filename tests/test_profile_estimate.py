@@ -1,0 +1,209 @@
+"""``memascend profile estimate`` and the footprint model behind it: the components add up,
+stock vs drop-in differ where the rules say, warnings, JSON, and bad input (one line, exit 2)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memascend import sizing as sz
+from memascend.errors import ConfigError
+from memascend.profile import Workload, estimate_deepspeed, estimate_offload, machine_warnings
+from memascend.shapes import load_model_config
+
+MIB = 1 << 20
+ZERO_INF = {"bf16": {"enabled": True},
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"},
+                                  "offload_optimizer": {"device": "nvme"}}}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memascend.cli", "profile", "estimate", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_stock_default_components_follow_deepspeed_rules():
+    model = load_model_config("llama-34m")
+    w = Workload(model, batch=1, seq=64, gpus=1)
+    est = estimate_deepspeed(w, sz.parse_deepspeed_config(ZERO_INF))
+    n = 33_694_208
+    c = {x.name: x for x in est.components}
+    assert c["param_pool"].nbytes == 5 * 100_000_256 * 2 and c["param_pool"].kind == "locked"
+    assert c["param_pool_unpinned_copy"].kind == "virtual"
+    assert c["partitioned_reserve"].nbytes == 0  # max_in_cpu 1e9 holds the whole model
+    assert c["fp16_flat_cpu"].nbytes == n * 2
+    assert c["optimizer_pool"].nbytes == 4 * sz.ds_align(n, 256) * 4
+    assert c["gradient_buffer"].nbytes == n * 2
+    assert c["adam_first_step"].nbytes == 2 * n * 4
+    assert "activations" not in c  # on the GPU
+    assert est.locked_bytes == c["param_pool"].nbytes + c["optimizer_pool"].nbytes
+    assert est.peak_phase == "step"
+    assert est.peak_bytes == est.persistent_bytes + c["adam_first_step"].nbytes
+    assert any("#4221" in note for note in est.notes)
+
+
+def test_drop_in_uses_exact_budgets_and_no_reserve():
+    model = load_model_config("llama-34m")
+    cfg = sz.parse_deepspeed_config({**ZERO_INF, "zero_optimization": {
+        "stage": 3, "sub_group_size": 10_000_000,
+        "offload_param": {"device": "nvme", "max_in_cpu": 0, "buffer_size": 5_000_000},
+        "offload_optimizer": {"device": "nvme"}}})
+    w = Workload(model, gpus=1)
+    stock = estimate_deepspeed(w, cfg, flavor="stock")
+    ma = estimate_deepspeed(w, cfg, flavor="memascend")
+    largest = 8192 * 512  # embeddings
+    assert stock.component("partitioned_reserve").nbytes > 0
+    assert ma.component("partitioned_reserve").nbytes == 0
+    assert ma.component("param_pool").nbytes == sz.ds_param_budget_bytes(5, largest * 2)
+    assert stock.component("param_pool").nbytes == 5 * sz.ds_align(5_000_000, 512) * 2
+    groups = sz.ds_sub_groups([x for x in _numels(model)], 10_000_000)
+    assert ma.component("optimizer_pool").nbytes == sz.ds_optimizer_budget_bytes(
+        4, max(sum(g) for g in groups))
+    for name in ("fp16_flat_cpu", "gradient_buffer", "ipg_bucket"):
+        assert ma.component(name).nbytes == stock.component(name).nbytes
+    assert ma.peak_bytes < stock.peak_bytes
+    assert ma.ssd.capacity_peak == 2 * ma.ssd.capacity  # the store's sync_slack
+
+
+def _numels(model):
+    import math
+
+    from memascend.shapes import llama_parameter_shapes
+
+    return [math.prod(s) for _n, s in llama_parameter_shapes(model)]
+
+
+def test_fp16_overflow_check_stock_vs_chunked():
+    model = load_model_config("llama-34m")
+    cfg = sz.parse_deepspeed_config({**ZERO_INF, "bf16": {"enabled": False},
+                                     "fp16": {"enabled": True}})
+    n = 33_694_208
+    stock = estimate_deepspeed(Workload(model), cfg)
+    ma = estimate_deepspeed(Workload(model), cfg, flavor="memascend")
+    assert stock.component("overflow_check").nbytes == n * 3
+    assert ma.component("overflow_check").nbytes == (1 << 20) * 3
+    assert stock.phase_bytes()["overflow_check"] == n * 3
+
+
+def test_world_size_partitions_and_per_node_peak():
+    model = load_model_config("llama-34m")
+    one = estimate_deepspeed(Workload(model, gpus=1), sz.parse_deepspeed_config(ZERO_INF))
+    four = estimate_deepspeed(Workload(model, gpus=4), sz.parse_deepspeed_config(ZERO_INF))
+    assert four.ranks == 4 and four.node_peak_bytes == 4 * four.peak_bytes
+    assert four.component("gradient_buffer").nbytes < one.component("gradient_buffer").nbytes / 3
+    assert four.component("param_pool").nbytes == one.component("param_pool").nbytes
+
+
+def test_plain_path_components_and_activations():
+    model = load_model_config("llama-34m")
+    w = Workload(model, batch=4, seq=256, gpus=0)
+    est = estimate_offload(w, budget=64 * MIB, optimizer_budget=128 * MIB)
+    c = {x.name: x for x in est.components}
+    assert c["param_pool"].nbytes == 64 * MIB and c["optimizer_pool"].nbytes == 128 * MIB
+    assert c["activations"].nbytes == sz.llama_activation_bytes(model, 4, 256, 4)
+    assert est.peak_phase == "backward"
+    # budgets larger than the tiers: pinned = the tiers
+    big = estimate_offload(Workload(model, gpus=0), budget=8 << 30)
+    p, o = sz.offload_tier_bytes(_numels(model), 4)
+    assert big.component("param_pool").nbytes == p and big.component("optimizer_pool").nbytes == o
+    # with a GPU the activations are not host memory
+    assert estimate_offload(Workload(model, gpus=1)).component("activations") is None
+
+
+def test_plain_path_notes_a_budget_too_small_for_the_largest_tensor():
+    model = load_model_config("llama-34m")
+    est = estimate_offload(Workload(model), budget=1 * MIB)
+    assert any("PoolExhaustedError" in n for n in est.notes)
+
+
+def test_machine_warnings_ram_and_memlock():
+    model = load_model_config("llama-34m")
+    ests = [estimate_deepspeed(Workload(model), sz.parse_deepspeed_config(ZERO_INF)),
+            estimate_offload(Workload(model), budget=64 * MIB)]
+    warns = machine_warnings(ests, phys_bytes=1 << 30, lockable_bytes=8 * MIB)
+    assert any("deepspeed" in w and "RAM" in w for w in warns)
+    assert any("deepspeed" in w and "SIGABRT" in w for w in warns)
+    assert any(w.startswith("memascend:") and "unlocked" in w for w in warns)
+    assert machine_warnings(ests, phys_bytes=1 << 40, lockable_bytes=None) == []
+
+
+def test_bad_workload_and_stage():
+    model = load_model_config("llama-34m")
+    with pytest.raises(ConfigError):
+        Workload(model, batch=0)
+    with pytest.raises(ConfigError):
+        estimate_deepspeed(Workload(model), sz.parse_deepspeed_config({"zero_optimization": {"stage": 2}}))
+
+
+def test_cli_table_and_json(tmp_path):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps(ZERO_INF))
+    out = cli("--model", "llama-34m", "--ds-config", str(cfg), "--gpus", "0", "--seq", "64")
+    assert out.returncode == 0, out.stderr
+    for needle in ("parameter swap pool", "peak RSS per rank", "SSD read per step",
+                   "memascend-deepspeed", "% less"):
+        assert needle in out.stdout
+    out = cli("--model", "llama-34m", "--ds-config", str(cfg), "--json", "--budget", "64MiB")
+    doc = json.loads(out.stdout)
+    assert set(doc["estimates"]) == {"deepspeed", "memascend-deepspeed", "memascend"}
+    assert doc["parameters"] == 33_694_208
+    d = doc["estimates"]["deepspeed"]
+    assert d["peak_bytes"] == d["persistent_bytes"] + max(d["phase_transient_bytes"].values())
+    assert doc["estimates"]["memascend"]["components"][2]["bytes"] == 64 * MIB
+    assert doc["deepspeed_config"]["param_buffer_count"] == 5
+    assert "physical_bytes" in doc["machine"]
+
+
+def test_cli_without_ds_config_and_with_example_configs():
+    out = cli("--model", "llama2-7b", "--seq", "2048")
+    assert out.returncode == 0 and "no --ds-config" in out.stdout
+    for path in ("configs/ds_zero3_nvme.json", "configs/ds_zero3_nvme_tuned.json"):
+        out = cli("--model", "llama2-7b", "--ds-config", path, "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["estimates"]["deepspeed"]["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--model", "no-such-preset"), "unknown model preset"),
+    (("--model", "/nonexistent/config.json"), "does not exist"),
+    (("--model", "llama-34m", "--ds-config", "/nonexistent/ds.json"), "does not exist"),
+    (("--model", "llama-34m", "--batch", "0"), "must be positive"),
+    (("--model", "llama-34m", "--budget", "lots"), "cannot parse size"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, needle):
+    out = cli(*args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "not valid JSON"),
+    ('{"zero_optimization": {"stage": 3, "offload_param": {"buffer_count": "x"}}}',
+     "zero_optimization.offload_param.buffer_count"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_cli_malformed_ds_config(tmp_path, content, needle):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(content)
+    out = cli("--model", "llama-34m", "--ds-config", str(cfg))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{broken", "not valid JSON"),
+    ('{"hidden_size": 64}', "missing from the model config"),
+    ('{"model_type": "gpt2", "hidden_size": 64}', "only 'llama'"),
+])
+def test_cli_malformed_model_config(tmp_path, content, needle):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(content)
+    out = cli("--model", str(cfg))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
