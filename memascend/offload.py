@@ -163,6 +163,10 @@ class OffloadedModel:
         if compute_dtype not in COMPUTE_DTYPES.values():
             raise ConfigError("compute_dtype", f"must be float32, bfloat16 or float16, got "
                                                f"{compute_dtype}")
+        previous = getattr(model, "_memascend_offloaded_to", None)
+        if previous is not None:
+            raise ConfigError("model", f"is already offloaded to {previous} (its parameters are "
+                                       "placeholders there); offload a fresh model instance")
         self.model = model
         self.swap_dir = os.path.abspath(swap_dir)
         self.compute_dtype = compute_dtype
@@ -197,6 +201,7 @@ class OffloadedModel:
             self._close_all()
             raise
         self._install_hooks()
+        model._memascend_offloaded_to = self.swap_dir
 
     def _open(self, obj: Any) -> Any:
         self._opened.append(obj)

@@ -377,3 +377,12 @@ def test_step_read_ahead_fits_the_optimizer_budget(tmp_path):
             read = om.optim_sw.stats().bytes_read - before
         # master, gradient, m and v of 6 weights, once each
         assert read <= 1.5 * 4 * 6 * per_param, read / (4 * 6 * per_param)
+
+
+def test_offloading_a_model_twice_is_a_clear_error(tmp_path):
+    model = mlp()
+    with offload_model(model, str(tmp_path / "a"), budget="1MiB"):
+        with pytest.raises(ConfigError, match="already offloaded to .*/a"):
+            offload_model(model, str(tmp_path / "b"), budget="1MiB")
+    with pytest.raises(ConfigError, match="already offloaded"):
+        offload_model(model, str(tmp_path / "b"), budget="1MiB")
