@@ -293,14 +293,21 @@ class TensorSwapper:
         return True
 
     def _acquire(self, key: str, nbytes: int, blocking: bool, before: float = -1.0,
-                 loading: bool = False) -> Optional[Lease]:
+                 loading: bool = False, superseding: bool = False) -> Optional[Lease]:
         """A buffer for ``key``: recycle, evict, or wait (``blocking``). None when not
         blocking and the budget is full, or when ``loading`` and ``key`` became resident
-        meanwhile (a completion prefetched it while this call waited)."""
+        meanwhile (a completion prefetched it while this call waited). ``superseding``: the
+        buffer is for new contents of ``key`` (swap_out), so an idle resident copy of ``key``
+        — a prefetch of the old contents that completed while this call waited — is stale
+        and is dropped."""
         deadline = time.monotonic() + self.config.wait_timeout
         while True:
             if loading and key in self._res:
                 return None
+            old = self._res.get(key) if superseding else None
+            if old is not None and not old.users and old.state == "ready" and not old.writing:
+                self._drop(old)
+                continue
             lease = self.buffers.try_acquire(nbytes)
             if lease is not None:
                 return lease
@@ -551,7 +558,18 @@ class TensorSwapper:
             if own and meta.stored == meta.dtype:
                 src = r.lease
             else:
-                src = self._acquire(key, meta.stored_bytes, blocking=True)
+                src = self._acquire(key, meta.stored_bytes, blocking=True, superseding=not own)
+                if not own:
+                    stale = self._res.get(key)
+                    if stale is not None:  # appeared while waiting for budget, still busy
+                        self._cv.wait_for(lambda: stale.state != "loading" and
+                                          not stale.writing and not stale.users,
+                                          timeout=self.config.wait_timeout)
+                        if stale.users:
+                            self.buffers.put(src)
+                            raise ValueError(f"swap_out({key!r}): the key was swapped in "
+                                             "meanwhile and is in use")
+                        self._drop(stale)
                 src.as_tensor(meta.stored, meta.shape).copy_(tensor)
                 if r is None and meta.stored == meta.dtype:
                     created = True
