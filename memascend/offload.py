@@ -180,6 +180,7 @@ class OffloadedModel:
         self.step_count = 0
         budget_b = parse_size("budget", budget)
         opt_b = parse_size("optimizer_budget", optimizer_budget) if optimizer_budget else budget_b
+        _check_optimizer_budget(model, opt_b)
         os.makedirs(self.swap_dir, exist_ok=True)
         self._own_engine = engine is None
         self.engine = engine or SwapEngine()
@@ -541,6 +542,21 @@ class OffloadedModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _check_optimizer_budget(model: torch.nn.Module, opt_b: int) -> None:
+    """The step holds a parameter's master, gradient, m and v at once (fp32, 4 KiB-rounded
+    buffers): a smaller optimizer budget could never step, so refuse it up front."""
+    named = [(n, p.numel()) for n, p in model.named_parameters()]
+    if not named:
+        return
+    name, numel = max(named, key=lambda t: t[1])
+    need = 4 * (-(-numel * 4 // 4096) * 4096)
+    if opt_b < need:
+        raise ConfigError("optimizer_budget", f"{opt_b} bytes cannot hold one parameter's "
+                                              f"optimizer state: {name} ({numel} elements) "
+                                              f"needs {need} bytes for its fp32 master, "
+                                              "gradient, m and v at once")
 
 
 def _reset_parameters(module: torch.nn.Module) -> None:

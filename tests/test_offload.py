@@ -408,3 +408,10 @@ def test_parameter_budget_of_two_tensors_never_deadlocks_on_a_stale_prefetch(tmp
                 om.step()
             st = om.params_sw.stats()
             assert st.pinned_peak <= st.budget_bytes
+
+
+def test_optimizer_budget_below_one_parameters_state_is_refused(tmp_path):
+    model = mlp()  # largest: 64 x 64 fp32 = 16 KiB; master, grad, m, v = 64 KiB
+    with pytest.raises(ConfigError, match=r"optimizer_budget.*2\.weight.*65536 bytes"):
+        offload_model(model, str(tmp_path), budget="1MiB", optimizer_budget=60000)
+    assert not any(p.numel() == 0 for p in model.parameters())  # untouched
