@@ -60,7 +60,7 @@ def test_tiny_run_json_shape(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--models", "tiny", "--settings", "tuned",
                           "--reps", "1", "--steps", "1", "--warmup", "1", "--dir",
                           str(swap_parent), "--json", str(out)],
-                         capture_output=True, text=True, env=env, timeout=150, check=False)
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert "skipped" not in doc
