@@ -42,9 +42,11 @@ import torch.optim.adamw as _torch_adamw
 from .config import parse_size
 from .engine import SwapEngine
 from .errors import ConfigError, MemAscendError
+from .extents import round_up
 from .overflow import has_inf_or_nan as _has_inf_or_nan
 from .pool import PinnedPool
 from .saved_views import SavedParamViews
+from .sizing import OFFLOAD_DEFAULT_BUDGET
 from .store import SwapStore
 from .swapper import TensorSwapper
 
@@ -151,7 +153,8 @@ class OffloadedModel:
     ``om.zero_grad()``.
     """
 
-    def __init__(self, model: torch.nn.Module, swap_dir: str, *, budget: Any = "1GiB",
+    def __init__(self, model: torch.nn.Module, swap_dir: str, *,
+                 budget: Any = OFFLOAD_DEFAULT_BUDGET,
                  optimizer_budget: Any = None, optimizer: Optional[AdamW] = None,
                  compute_dtype: Any = torch.float32, loss_scaler: Optional[LossScaler] = None,
                  engine: Optional[SwapEngine] = None, pool: Optional[PinnedPool] = None,
@@ -180,7 +183,7 @@ class OffloadedModel:
         self.step_count = 0
         budget_b = parse_size("budget", budget)
         opt_b = parse_size("optimizer_budget", optimizer_budget) if optimizer_budget else budget_b
-        _check_optimizer_budget(model, opt_b)
+        _check_budgets(model, budget_b, opt_b, compute_dtype)
         os.makedirs(self.swap_dir, exist_ok=True)
         self._own_engine = engine is None
         self.engine = engine or SwapEngine()
@@ -196,7 +199,10 @@ class OffloadedModel:
                                                     engine=self.engine, pool=self.pool,
                                                     durable=False))
             self.params_sw = self._open(TensorSwapper(self.param_store, budget_bytes=budget_b))
-            self.optim_sw = self._open(TensorSwapper(self.optim_store, budget_bytes=opt_b))
+            # The step reads ahead itself (it knows its order); the learned plan would wrap
+            # into the next pass and read gradients that backward rewrites first.
+            self.optim_sw = self._open(TensorSwapper(self.optim_store, budget_bytes=opt_b,
+                                                     plan_prefetch=False))
             self._setup_params(init)
         except BaseException:
             self._close_all()
@@ -392,7 +398,7 @@ class OffloadedModel:
         # write-behind): a read-ahead that does not fit would be evicted before its use and
         # read twice.
         window = self.optim_sw.config.budget_bytes // 2
-        cost = {n: 4 * (-(-math.prod(self._shapes[n]) * 4 // 4096) * 4096) for n in names}
+        cost = {n: _state_bytes(math.prod(self._shapes[n])) for n in names}
         ahead = 0  # names[:ahead] have been prefetched
 
         def read_ahead(i: int) -> None:
@@ -544,14 +550,32 @@ class OffloadedModel:
         self.close()
 
 
-def _check_optimizer_budget(model: torch.nn.Module, opt_b: int) -> None:
-    """The step holds a parameter's master, gradient, m and v at once (fp32, 4 KiB-rounded
-    buffers): a smaller optimizer budget could never step, so refuse it up front."""
+def _state_bytes(numel: int) -> int:
+    """Optimizer-tier buffer bytes of one parameter in a step: fp32 master, gradient, m, v."""
+    return 4 * round_up(numel * 4)
+
+
+def _check_budgets(model: torch.nn.Module, budget_b: int, opt_b: int,
+                   compute_dtype: torch.dtype) -> None:
+    """Refuse budgets that could never run, before anything is written. Forward holds a
+    module's own parameters at once (compute dtype, 4 KiB-rounded buffers); the step holds a
+    parameter's fp32 master, gradient, m and v at once."""
+    itemsize = torch.empty(0, dtype=compute_dtype).element_size()
+    need_p, module_name = 0, ""
+    for mname, module in model.named_modules():
+        own = sum(round_up(p.numel() * itemsize) for p in module._parameters.values()
+                  if p is not None)
+        if own > need_p:
+            need_p, module_name = own, mname or type(module).__name__
+    if budget_b < need_p:
+        raise ConfigError("budget", f"{budget_b} bytes cannot hold the parameters of module "
+                                    f"{module_name}: forward needs {need_p} bytes of them "
+                                    "resident at once")
     named = [(n, p.numel()) for n, p in model.named_parameters()]
     if not named:
         return
     name, numel = max(named, key=lambda t: t[1])
-    need = 4 * (-(-numel * 4 // 4096) * 4096)
+    need = _state_bytes(numel)
     if opt_b < need:
         raise ConfigError("optimizer_budget", f"{opt_b} bytes cannot hold one parameter's "
                                               f"optimizer state: {name} ({numel} elements) "

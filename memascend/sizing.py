@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from .errors import ConfigError
+from .extents import round_up as _round_up
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -96,7 +97,7 @@ def round_up(n: int, alignment: int = PAGE) -> int:
     -------
     int
     """
-    return -(-int(n) // alignment) * alignment
+    return _round_up(int(n), alignment)
 
 
 def dtype_bytes(name: str) -> int:

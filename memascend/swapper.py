@@ -81,9 +81,10 @@ class _Res:
     """A resident tensor: its buffer and where it is in its life."""
 
     __slots__ = ("key", "meta", "lease", "stage", "state", "users", "prefetched", "used",
-                 "writing", "drop_after_write", "view", "error", "waiters", "last_use")
+                 "writing", "drop_after_write", "view", "error", "waiters", "last_use",
+                 "pass_no")
 
-    def __init__(self, key: str, meta: _Meta, lease: Lease, prefetched: bool):
+    def __init__(self, key: str, meta: _Meta, lease: Lease, prefetched: bool, pass_no: int):
         self.key, self.meta, self.lease = key, meta, lease
         self.stage: Optional[Lease] = None
         self.state = "loading"
@@ -96,6 +97,7 @@ class _Res:
         self.error: Optional[BaseException] = None
         self.waiters: list[tuple[SwapHandle, float]] = []
         self.last_use = time.monotonic()
+        self.pass_no = pass_no  # the pass it was loaded in
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,11 @@ class SwapperConfig:
         Staging buffer for dtype conversion on the way in (default 4 MiB).
     wait_timeout:
         Seconds a request may wait for budget before ``TimeoutError`` (default 600).
+    plan_prefetch:
+        Read ahead along the learned access order (default True). Turn it off when the
+        consumer calls :meth:`TensorSwapper.prefetch` itself from an order it knows, and
+        the learned one would mislead: e.g. an optimizer step, where the plan wraps into
+        the next pass and reads gradients that backward overwrites first.
     """
 
     budget_bytes: int
@@ -167,6 +174,7 @@ class SwapperConfig:
     max_depth: int = 32
     chunk_bytes: int = 4 << 20
     wait_timeout: float = 600.0
+    plan_prefetch: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget_bytes", parse_size("budget_bytes", self.budget_bytes))
@@ -211,6 +219,7 @@ class TensorSwapper:
         self._inflight = 0
         self._writing = 0
         self._n = 0
+        self._pass = 0  # mark_pass() count
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memascend-convert")
         self._c = {"hits": 0, "reuse_hits": 0, "late": 0, "misses": 0, "wait_seconds": 0.0,
                    "budget_waits": 0, "reads": 0, "writes": 0, "bytes_read": 0,
@@ -267,13 +276,17 @@ class TensorSwapper:
         return meta
 
     # ---- buffers ----
-    def _evict_one(self, protect: str, before: float = -1.0, want: int = 0) -> bool:
+    def _evict_one(self, protect: str, before: float = -1.0, want: int = 0,
+                   spare: bool = False) -> bool:
         """Evict an idle resident used later than ``before``: one of size class ``want`` if
         any (its buffer is then reused without a new mapping), else the one used furthest in
-        the future."""
+        the future. ``spare`` (for prefetches) keeps this pass's unused prefetches: evicting
+        one to read another would read it twice."""
         best, best_score = None, None
         for r in self._res.values():
             if r.key == protect or r.users or r.state != "ready" or r.writing:
+                continue
+            if spare and r.prefetched and not r.used and r.pass_no == self._pass:
                 continue
             nu = self.plan.next_use(r.key)
             if nu <= before:
@@ -293,7 +306,8 @@ class TensorSwapper:
         return True
 
     def _acquire(self, key: str, nbytes: int, blocking: bool, before: float = -1.0,
-                 loading: bool = False, superseding: bool = False) -> Optional[Lease]:
+                 loading: bool = False, superseding: bool = False,
+                 spare: bool = False) -> Optional[Lease]:
         """A buffer for ``key``: recycle, evict, or wait (``blocking``). None when not
         blocking and the budget is full, or when ``loading`` and ``key`` became resident
         meanwhile (a completion prefetched it while this call waited). ``superseding``: the
@@ -311,7 +325,7 @@ class TensorSwapper:
             lease = self.buffers.try_acquire(nbytes)
             if lease is not None:
                 return lease
-            if self._evict_one(key, before, BufferPool.size_class(nbytes)):
+            if self._evict_one(key, before, BufferPool.size_class(nbytes), spare):
                 continue
             if not blocking:
                 return None
@@ -338,17 +352,18 @@ class TensorSwapper:
         issued: a read can complete, and prefetches run, before this returns, and an
         unclaimed resident could be evicted under the caller."""
         meta = self._meta_of(key)
-        lease = self._acquire(key, meta.served_bytes, blocking, before, loading=True)
+        lease = self._acquire(key, meta.served_bytes, blocking, before, loading=True,
+                              spare=prefetched)
         if lease is None:
             r = self._res.get(key)  # prefetched meanwhile, or (not blocking) no budget
             if r is not None and claim:
                 r.users += 1
             return r
-        r = _Res(key, meta, lease, prefetched)
+        r = _Res(key, meta, lease, prefetched, self._pass)
         if meta.stored != meta.dtype:
             stage_bytes = min(self.config.chunk_bytes, BufferPool.size_class(meta.stored_bytes))
             try:
-                r.stage = self._acquire(key, stage_bytes, blocking, before)
+                r.stage = self._acquire(key, stage_bytes, blocking, before, spare=prefetched)
             except BaseException:
                 self.buffers.put(lease)
                 raise
@@ -573,7 +588,7 @@ class TensorSwapper:
                 src.as_tensor(meta.stored, meta.shape).copy_(tensor)
                 if r is None and meta.stored == meta.dtype:
                     created = True
-                    r = _Res(key, meta, src, prefetched=False)
+                    r = _Res(key, meta, src, False, self._pass)
                     r.state = "ready"
                     r.view = src.as_tensor(meta.dtype, meta.shape)
                     self._res[key] = r
@@ -643,6 +658,7 @@ class TensorSwapper:
         """Mark the end of a pass (e.g. a training step) for the learned prefetch plan."""
         with self._cv:
             self.plan.mark_pass()
+            self._pass += 1
             self._prefetch_failed.clear()
         self._kick()
 
@@ -661,6 +677,8 @@ class TensorSwapper:
                 self._queue.appendleft(k)  # no budget now; a completion or release kicks again
                 return False
             return True
+        if not self.config.plan_prefetch:
+            return False
         for k in self.plan.upcoming(self.depth.depth):
             if k in self._res or k in self._prefetch_failed:
                 continue

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from memascend.demo import DemoOptions, model_config, run_demo  # noqa: E402
-from memascend.errors import ConfigError, PoolExhaustedError  # noqa: E402
+from memascend.errors import ConfigError  # noqa: E402
 
 CLI = [sys.executable, "-m", "memascend.cli"]
 
@@ -50,7 +50,9 @@ def test_demo_rejects_bad_options(tmp_path):
         DemoOptions(steps=0)
     with pytest.raises(ConfigError, match="no-such-model"):
         run_demo(DemoOptions(model="no-such-model", swap_dir=str(tmp_path)))
-    with pytest.raises(PoolExhaustedError, match="embed_tokens.*budget of 4096"):
+    # refused before anything is written, naming the module that could never be resident
+    with pytest.raises(ConfigError, match="budget: 4096 bytes cannot hold the parameters of "
+                                          "module model.layers.0.mlp.gate_proj"):
         run_demo(DemoOptions(model="tiny", steps=1, budget="4KiB", swap_dir=str(tmp_path)))
     assert _leftovers(tmp_path) == []
 

@@ -126,6 +126,48 @@ def test_second_pass_prefetch_hit_rate(store):
         assert st.pinned_peak <= (6 << 20) + 4096
 
 
+def test_prefetch_never_evicts_an_unused_prefetch(store):
+    """Prefetching more than fits reads each key once: a prefetch waits for budget instead
+    of evicting an earlier prefetch of this pass (which would then be read twice)."""
+    ts = {f"w{i}": torch.randn(256, 1024) for i in range(8)}  # 1 MiB each
+    with TensorSwapper(store, budget_bytes=3 << 20, plan_prefetch=False) as sw:
+        fill(sw, ts)
+        sw.drop_resident()
+        for _ in range(2):
+            s0 = sw.stats()
+            sw.prefetch(list(ts))  # 8 keys into a 3-key budget
+            for k in ts:
+                v = sw.swap_in(k).wait(T)
+                time.sleep(0.002)
+                assert torch.equal(v, ts[k])
+                sw.release(k)
+            sw.mark_pass()
+            s1 = sw.stats()
+            assert s1.bytes_read - s0.bytes_read <= 8 << 20, (s1.bytes_read - s0.bytes_read)
+            assert s1.wasted_prefetches == s0.wasted_prefetches
+            sw.drop_resident()
+
+
+def test_plan_prefetch_off_reads_only_what_is_asked(store):
+    ts = {f"w{i}": torch.randn(256, 1024) for i in range(6)}  # 1 MiB each
+    for plan, extra in ((True, True), (False, False)):
+        with TensorSwapper(store, budget_bytes=4 << 20, plan_prefetch=plan) as sw:
+            fill(sw, ts)
+            for _ in range(2):  # learn the order
+                for k in ts:
+                    sw.swap_in(k).wait(T)
+                    sw.release(k)
+                sw.mark_pass()
+            sw.drop_resident()
+            before = sw.stats().reads
+            sw.swap_in("w0").wait(T)  # the plan would now read w1, w2 ... ahead
+            sw.release("w0")
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and sw.stats().reads == before + 1:
+                time.sleep(0.01)
+            assert (sw.stats().reads > before + 1) == extra, (plan, sw.stats().reads - before)
+
+
 def test_too_large_and_held_budget_errors(store):
     with TensorSwapper(store, budget_bytes="1MiB") as sw:
         with pytest.raises(PoolExhaustedError, match="'huge'.*budget of 1048576"):
@@ -218,6 +260,7 @@ def test_demand_load_survives_completion_race(store):
             for k in keys:
                 v = sw.swap_in(k).wait(T)
                 assert torch.equal(v, ts[k]), k
+                del v  # no view may outlive its release
                 sw.release(k)
         assert sw.wait_idle(T)
         assert store.pool.stats().in_use == sw.stats().pinned_bytes

@@ -205,9 +205,10 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
                 if pid in self.available_params:
                     self.available_params.remove(pid)
                     self.available_numel -= self.param_id_to_numel[pid]
-                p.ds_tensor.data = self.invalid_buffer.data
+                p.ds_tensor.data = self.invalid_buffer.data  # drop the view, then the lease
                 self._give_back(bid)
-            p.ds_tensor.data = self.invalid_buffer.data
+            else:
+                p.ds_tensor.data = self.invalid_buffer.data
             p.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
 
     def reserve_available_buffers(self) -> list[Any]:

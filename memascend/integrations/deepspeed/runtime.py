@@ -27,6 +27,7 @@ from typing import Any, Optional
 from ...config import parse_size
 from ...engine import SwapEngine
 from ...errors import ConfigError
+from ...extents import round_up
 from ...pool import Lease, PinnedPool
 from ...store import SwapStore
 
@@ -91,7 +92,7 @@ def aio_engine_settings(aio_config: Any) -> dict[str, int]:
     """Engine settings from DeepSpeed's ``aio`` section (a dict-like with its keys)."""
     qd = int(aio_config["queue_depth"])
     block = int(aio_config["block_size"])
-    chunk = max(4096, -(-block // 4096) * 4096)
+    chunk = max(4096, round_up(block))
     return {"queue_depth": max(1, min(qd, 4096)), "chunk_bytes": chunk}
 
 
