@@ -125,6 +125,8 @@ def main(path):
         out["param_stats"] = sw.stats() if isinstance(sw, ma_params.MemAscendParamSwapper) \
             else None
         out["optimizer_swapper"] = type(engine.optimizer.optimizer_swapper).__name__
+        osw = engine.optimizer.optimizer_swapper
+        out["optim_stats"] = osw.stats() if hasattr(osw, "stats") else None
         out["stats"] = ma_ds.stats()
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f if ":" in line)

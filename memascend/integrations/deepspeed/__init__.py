@@ -12,7 +12,10 @@ be given in the DeepSpeed config as a ``"memascend": {...}`` block (keys of
 stock swappers). DeepSpeed's ``offload_*``/``aio`` settings are honoured as described in
 :mod:`.runtime`.
 
-What changes (see :mod:`.params`, :mod:`.optim`, :mod:`.aio`, :mod:`.overflow`): exact-size
+What changes (see :mod:`.params`, :mod:`.optim`, :mod:`.stream`, :mod:`.aio`,
+:mod:`.overflow`): the optimizer steps each swapped sub-group in small pieces under its own
+byte budget (no ``buffer_count`` x sub-group buffers, gradients read from stage 3's buffer
+instead of swapped, Adam moments and step counts restored exactly from checkpoints); exact-size
 pinned leases under a byte budget instead of fixed slots; one swap area per tier and rank
 instead of one file per tensor; io_uring with every completion checked instead of libaio with
 none (and no JIT-built ``async_io`` op); no "Not enough buffers" failure; no SIGABRT when
@@ -35,6 +38,7 @@ from .runtime import Options, current_runtime, shutdown
 __all__ = ["enable", "disable", "enabled", "stats", "Options", "shutdown"]
 
 _ORIGINALS: dict[str, Any] = {}
+_STAGE3_ORIGINALS: dict[str, Any] = {}
 
 
 def _config_dict(config: Any) -> Optional[dict]:
@@ -73,14 +77,24 @@ def _optimizer_swapper_factory(pipelined: bool):
             PipelinedOptimizerSwapper)
 
         from .optim import MemAscendPartitionedOptimizerSwapper, MemAscendPipelinedOptimizerSwapper
+        from .stream import StreamingOptimizerSwapper, can_stream
 
-        if state.options().enabled:
-            cls = MemAscendPipelinedOptimizerSwapper if pipelined else \
-                MemAscendPartitionedOptimizerSwapper
+        opts = state.options()
+        if opts.enabled:
+            optimizer, dtype = _arg(args, kwargs, 3, "optimizer"), _arg(args, kwargs, 6, "dtype")
+            if opts.stream_optimizer and can_stream(optimizer, dtype) is None:
+                cls = StreamingOptimizerSwapper
+            else:
+                cls = MemAscendPipelinedOptimizerSwapper if pipelined else \
+                    MemAscendPartitionedOptimizerSwapper
         else:
             cls = PipelinedOptimizerSwapper if pipelined else PartitionedOptimizerSwapper
         return cls(*args, **kwargs)
     return make
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name)
 
 
 def _wrap_initialize(original: Any) -> Any:
@@ -187,6 +201,8 @@ def enable(**options: Any) -> None:
         ds_engine.DeepSpeedEngine.save_checkpoint = _wrap_save(_ORIGINALS["save"])
         ds_engine.DeepSpeedEngine.load_checkpoint = _wrap_load(_ORIGINALS["load"])
         stage3.DeepSpeedZeroOptimizer_Stage3.has_overflow = _overflow_check(_ORIGINALS["overflow"])
+        from . import stage3 as hooks
+        hooks.install(stage3.DeepSpeedZeroOptimizer_Stage3, _STAGE3_ORIGINALS)
     _ORIGINALS["options"] = base
     state.set_options(base)
 
@@ -208,6 +224,8 @@ def disable() -> None:
     ds_engine.DeepSpeedEngine.save_checkpoint = _ORIGINALS["save"]
     ds_engine.DeepSpeedEngine.load_checkpoint = _ORIGINALS["load"]
     stage3.DeepSpeedZeroOptimizer_Stage3.has_overflow = _ORIGINALS["overflow"]
+    from . import stage3 as hooks
+    hooks.uninstall(stage3.DeepSpeedZeroOptimizer_Stage3, _STAGE3_ORIGINALS)
     _ORIGINALS.clear()
     state.set_options(None)
 

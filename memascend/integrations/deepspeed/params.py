@@ -250,14 +250,7 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
             raise MemAscendError(f"{len(dst_fp16_params)} parameters but "
                                  f"{len(src_fp32_params)} fp32 partitions")
         paths = self._get_swap_paths(dst_fp16_params, must_exist=True)
-        self.synchronize_writes()
-        # A parameter DeepSpeed prefetched for the next forward is in flight with the old
-        # values: finish the read and drop that buffer, the new values are written below.
-        if any(p.ds_tensor.status == PartitionedParamStatus.INFLIGHT for p in dst_fp16_params):
-            self.synchronize_reads()
-        stale = [p for p in dst_fp16_params if p.ds_id in self.param_id_to_buffer_id]
-        if stale:
-            self.remove_partition_and_release_buffers(stale)
+        self._prepare_overwrite(dst_fp16_params)
         inflight: list[tuple[Any, Any]] = []
         first: Optional[BaseException] = None
         try:
@@ -292,6 +285,39 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
                 param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
         if first is not None:
             raise first
+
+    def _prepare_overwrite(self, params: list[Any]) -> None:
+        """Before new values of ``params`` are written: finish our writes, and drop any
+        buffer that holds (or is being read with) their old values."""
+        self.synchronize_writes()
+        # A parameter DeepSpeed prefetched for the next forward is in flight with the old
+        # values: finish the read and drop that buffer, the new values are written below.
+        if any(p.ds_tensor.status == PartitionedParamStatus.INFLIGHT for p in params):
+            self.synchronize_reads()
+        stale = [p for p in params if p.ds_id in self.param_id_to_buffer_id]
+        if stale:
+            self.remove_partition_and_release_buffers(stale)
+
+    def stage_partition(self, param: Any) -> tuple[Any, Any]:
+        """An exact-size staging lease for ``param``'s partition in the compute dtype and
+        its tensor (the I/O-aligned tail zeroed): fill ``tensor[:ds_numel]``, then hand
+        both to :meth:`write_staged`."""
+        numel = int(param.ds_tensor.ds_numel)
+        aligned = self._io_aligned_numel(numel)
+        lease = self.rt.lease(aligned * self.swap_element_size)
+        staged = lease.as_tensor(self.dtype, aligned)
+        if aligned > numel:
+            staged.narrow(0, numel, aligned - numel).zero_()
+        return lease, staged
+
+    def write_staged(self, param: Any, lease: Any, staged: Any) -> Any:
+        """Start writing a filled staging tensor as ``param``'s tensor; returns the handle.
+        The caller frees ``lease`` once the handle is done."""
+        path = self._get_swap_paths([param], must_exist=True)[0]
+        self._prepare_overwrite([param])
+        h = self.store.write(self.aio_write_handle.key_of(path), staged)
+        param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+        return h
 
     def stats(self) -> dict[str, int]:
         """Budget and use of the parameter tier, in bytes."""

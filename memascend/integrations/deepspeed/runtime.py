@@ -51,6 +51,17 @@ class Options:
         parameter partition, 4 KiB-rounded).
     checksum:
         ``"crc32c"`` (default; every read verified) or ``"none"``.
+    stream_optimizer:
+        Step swapped optimizer sub-groups in pieces (default True; see :mod:`.stream`):
+        no ``buffer_count`` x sub-group buffers, Adam state never materialised whole.
+        Applies to DeepSpeedCPUAdam with fp32 state; other optimizers keep DeepSpeed's
+        whole-sub-group swapping.
+    optimizer_chunk:
+        Bytes of one piece of one fp32 tensor when streaming (default 16 MiB; a multiple
+        of 4 KiB).
+    optimizer_budget:
+        Pinned bytes of the streamed optimizer tier (default 10 x ``optimizer_chunk``:
+        master, m and v of the current piece and two read ahead, plus slack).
     """
 
     enabled: bool = True
@@ -58,6 +69,9 @@ class Options:
     lock: Optional[str] = None
     param_budget: Optional[Any] = None
     checksum: str = "crc32c"
+    stream_optimizer: bool = True
+    optimizer_chunk: Any = 16 << 20
+    optimizer_budget: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -67,6 +81,21 @@ class Options:
         if self.checksum not in ("crc32c", "none"):
             raise ConfigError("memascend.checksum", f"must be crc32c or none, got "
                                                     f"{self.checksum!r}")
+        if not isinstance(self.stream_optimizer, bool):
+            raise ConfigError("memascend.stream_optimizer",
+                              f"must be true or false, got {self.stream_optimizer!r}")
+        chunk = parse_size("memascend.optimizer_chunk", self.optimizer_chunk)
+        if chunk < 4096 or chunk % 4096:
+            raise ConfigError("memascend.optimizer_chunk",
+                              f"must be a positive multiple of 4096 bytes, got {chunk}")
+        object.__setattr__(self, "optimizer_chunk", chunk)
+        if self.optimizer_budget is not None:
+            budget = parse_size("memascend.optimizer_budget", self.optimizer_budget)
+            if budget < 3 * chunk:
+                raise ConfigError("memascend.optimizer_budget",
+                                  f"{budget} bytes cannot hold one piece's master, m and v "
+                                  f"(3 x optimizer_chunk = {3 * chunk})")
+            object.__setattr__(self, "optimizer_budget", budget)
         if self.param_budget is not None:
             object.__setattr__(self, "param_budget",
                                parse_size("memascend.param_budget", self.param_budget))

@@ -1,0 +1,142 @@
+"""Stage 3's per-sub-group step, routed to the streamed optimizer swapper.
+
+``DeepSpeedZeroOptimizer_Stage3.step`` runs, for each sub-group: ``_prepare_sub_group``
+(swap in master, gradient and Adam state), ``unscale_and_clip_grads``, ``_optimizer_step``,
+``_reassign_or_swap_out_partitioned_parameters`` (master into the compute-dtype parameters)
+and ``_release_sub_group`` (swap out). When the optimizer swapper is a
+:class:`~.stream.StreamingOptimizerSwapper` and the sub-group is swapped, these hooks make
+prepare and release no-ops, remember the unscale factor, and run the whole update, parameter
+write-back included, inside ``_optimizer_step`` piece by piece. ``initialize_optimizer_states``
+(which swaps every sub-group in whole with a largest-sub-group gradient buffer) is skipped for
+swapped sub-groups: their Adam state starts at the first step, one piece at a time. Outside a
+step, the write-back (``reset_swap_buffers`` after a checkpoint load) streams the stored
+master into the parameters. Every other case calls DeepSpeed's own method.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .stream import (ParamWriter, StreamingOptimizerSwapper, combined_inv_scale, grad_reader,
+                     parts_of)
+
+HOOKED = ("initialize_optimizer_states", "_prepare_sub_group", "unscale_and_clip_grads",
+          "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters",
+          "_release_sub_group")
+
+
+def _streamed(self: Any, sub_group_id: int) -> bool:
+    sw = getattr(self, "optimizer_swapper", None)
+    return isinstance(sw, StreamingOptimizerSwapper) and \
+        self._swappable_optimizer_subgroup(sub_group_id) and \
+        getattr(self, "subgroup_to_device", {}).get(sub_group_id, "cpu") == "cpu"
+
+
+def _initialize_optimizer_states(original: Any) -> Any:
+    @functools.wraps(original)
+    def initialize_optimizer_states(self: Any) -> None:
+        if not isinstance(getattr(self, "optimizer_swapper", None), StreamingOptimizerSwapper):
+            return original(self)
+        # Swapped sub-groups: nothing to do (state is created per piece at the first step).
+        # Others get the pinned gradient buffer DeepSpeed gives them.
+        for i in range(len(self.fp16_groups)):
+            if _streamed(self, i):
+                continue
+            n = int(self.fp16_partitioned_groups_flat_numel[i])
+            dtype = self.fp32_partitioned_groups_flat[i].dtype
+            buf = torch.zeros(n, dtype=dtype, device=self.device)
+            if self.offload_optimizer_pin_memory:
+                from deepspeed.accelerator import get_accelerator
+                buf = get_accelerator().pin_memory(buf)
+            self.fp32_partitioned_groups_flat[i].grad = buf
+    return initialize_optimizer_states
+
+
+def _prepare_sub_group(original: Any) -> Any:
+    @functools.wraps(original)
+    def _prepare_sub_group(self: Any, sub_group_id: int, timer_names: Any) -> None:
+        if not _streamed(self, sub_group_id):
+            return original(self, sub_group_id, timer_names)
+        return None  # the streamed step reads what it needs, piece by piece
+    return _prepare_sub_group
+
+
+def _unscale_and_clip_grads(original: Any) -> Any:
+    @functools.wraps(original)
+    def unscale_and_clip_grads(self: Any, sub_group_id: int, total_norm: Any) -> None:
+        if not _streamed(self, sub_group_id):
+            return original(self, sub_group_id, total_norm)
+        self._ma_inv_scale = getattr(self, "_ma_inv_scale", {})
+        self._ma_inv_scale[sub_group_id] = combined_inv_scale(self, total_norm)
+    return unscale_and_clip_grads
+
+
+def _optimizer_step(original: Any) -> Any:
+    @functools.wraps(original)
+    def _optimizer_step(self: Any, sub_group_id: int) -> None:
+        if not _streamed(self, sub_group_id):
+            return original(self, sub_group_id)
+        group = self.optimizer.param_groups[self.sub_group_to_group_id[sub_group_id]]
+        inv_scale = getattr(self, "_ma_inv_scale", {}).pop(sub_group_id, 1.0)
+        nxt = self.next_swappable_fp32_partitioned_groups[sub_group_id]
+        self.optimizer_swapper.step_group(
+            str(self.fp32_partitioned_groups_flat[sub_group_id].ds_id),
+            parts_of(self, sub_group_id), grad_reader(self, sub_group_id), inv_scale, group,
+            ParamWriter(), next_ds_id=str(nxt.ds_id) if nxt is not None else None)
+        if self.fp16_partitioned_groups_flat[sub_group_id] is not None:
+            self._unflatten_partitioned_parameters(sub_group_id)
+        self._ma_stepped = getattr(self, "_ma_stepped", set())
+        self._ma_stepped.add(sub_group_id)
+    return _optimizer_step
+
+
+def _reassign(original: Any) -> Any:
+    @functools.wraps(original)
+    def _reassign_or_swap_out_partitioned_parameters(self: Any, sub_group_id: int) -> None:
+        if not _streamed(self, sub_group_id):
+            return original(self, sub_group_id)
+        stepped = getattr(self, "_ma_stepped", set())
+        if sub_group_id in stepped:  # the streamed step wrote the parameters already
+            stepped.discard(sub_group_id)
+            return None
+        self.optimizer_swapper.write_params(str(self.fp32_partitioned_groups_flat[sub_group_id]
+                                                .ds_id), parts_of(self, sub_group_id),
+                                            ParamWriter())
+        if self.fp16_partitioned_groups_flat[sub_group_id] is not None:
+            self._unflatten_partitioned_parameters(sub_group_id)
+        return None
+    return _reassign_or_swap_out_partitioned_parameters
+
+
+def _release_sub_group(original: Any) -> Any:
+    @functools.wraps(original)
+    def _release_sub_group(self: Any, sub_group_id: int, timer_names: Any) -> None:
+        if not _streamed(self, sub_group_id):
+            return original(self, sub_group_id, timer_names)
+        return None  # the streamed step wrote everything back
+    return _release_sub_group
+
+
+WRAPPERS = {"initialize_optimizer_states": _initialize_optimizer_states,
+            "_prepare_sub_group": _prepare_sub_group,
+            "unscale_and_clip_grads": _unscale_and_clip_grads,
+            "_optimizer_step": _optimizer_step,
+            "_reassign_or_swap_out_partitioned_parameters": _reassign,
+            "_release_sub_group": _release_sub_group}
+
+
+def install(cls: Any, originals: dict[str, Any]) -> None:
+    """Wrap the hooked methods of ``cls`` (DeepSpeedZeroOptimizer_Stage3), keeping the
+    originals in ``originals``."""
+    for name in HOOKED:
+        originals[name] = getattr(cls, name)
+        setattr(cls, name, WRAPPERS[name](originals[name]))
+
+
+def uninstall(cls: Any, originals: dict[str, Any]) -> None:
+    """Put the original methods back."""
+    for name in HOOKED:
+        if name in originals:
+            setattr(cls, name, originals.pop(name))
