@@ -86,8 +86,12 @@ def breakdown(engine: Any, model: Any) -> dict[str, Any]:
     if osw is not None:
         out["optimizer_swapper"] = type(osw).__name__
         out["optimizer_largest_numel"] = int(osw.largest_numel)
-        out["optimizer_swap_buffers_bytes"] = sum(
-            nbytes(t) for t in osw.swap_buffer_manager.all_buffers)
+        if hasattr(osw, "swap_buffer_manager"):  # whole-sub-group buffers
+            out["optimizer_swap_buffers_bytes"] = sum(
+                nbytes(t) for t in osw.swap_buffer_manager.all_buffers)
+        else:  # memascend's streamed step: the peak of its budgeted pieces
+            out["optimizer_tier"] = osw.stats()
+            out["optimizer_swap_buffers_bytes"] = int(out["optimizer_tier"]["pinned_peak"])
     out["flat_cpu_params_bytes"] = sum(nbytes(t) for t in
                                        getattr(opt, "param_groups_fp16_flat_cpu_memory", []))
     out["grad_flat_buffer_bytes"] = nbytes(getattr(opt, "grad_partitions_flat_buffer", None))

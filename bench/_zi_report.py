@@ -154,8 +154,9 @@ def print_report(meta: dict[str, Any], configs: list[dict[str, Any]], res: dict[
                   f"{kept:>11}")
     print("param tier: stock = its fixed locked pool (buffer_count x buffer_size); memascend = "
           "peak in use / byte budget (exact leases). writeback: stock's locked buffer for the "
-          "largest sub-group's post-step parameter write-back. optim bufs: buffer_count x "
-          "largest sub-group, fp32 (both). flat params: stage 3's CPU copy of the parameters "
+          "largest sub-group's post-step parameter write-back. optim bufs: stock = buffer_count x "
+          "largest sub-group, fp32; memascend = peak pinned bytes of its streamed pieces "
+          "(whole-sub-group buffers when it does not stream). flat params: stage 3's CPU copy of the parameters "
           "(max_in_cpu). grad buf: stage 3's flat fp32 gradient partition buffer.")
     print()
     s = res["summary"]
