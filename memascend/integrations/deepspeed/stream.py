@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from deepspeed.runtime.swap_tensor.utils import MIN_AIO_BYTES
 from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
 from ...errors import MemAscendError
 from ...swapper import TensorSwapper
 from .optim import _StoreBacked
 
-MIN_AIO_BYTES = 1024 ** 2
 _STEP_NUMEL = 512  # the step key: one 4 KiB int64 tensor, element 0 is the count
 
 
@@ -112,7 +112,6 @@ class StreamingOptimizerSwapper(_StoreBacked):
                                 plan_prefetch=False)
         self._numel: dict[str, int] = {}  # ds_id -> sub-group numel
         self._steps: dict[str, int] = {}  # ds_id -> steps taken (cache of the step keys)
-        self.timer_names: set[str] = set()
 
     # ---- what stage 3 asks of every optimizer swapper ----
     def is_swappable_tensor(self, tensor: Any = None, numel: Optional[int] = None) -> bool:
