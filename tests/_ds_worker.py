@@ -62,7 +62,8 @@ def ds_config(spec):
         off_opt["fast_init"] = True
     if spec.get("pipeline"):
         off_opt.update(pipeline_read=True, pipeline_write=True, buffer_count=12)
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+    cfg = {"train_micro_batch_size_per_gpu": 2,
+           "gradient_accumulation_steps": spec.get("gas", 1),
            "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10 ** 9,
            "zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0,
                                  "stage3_param_persistence_threshold": 0,
@@ -86,6 +87,10 @@ def main(path):
         import memascend.integrations.deepspeed as ma_ds
 
         ma_ds.enable()
+        if "grad_max_open" in spec:  # force incomplete gradient pieces (tests)
+            from memascend.integrations.deepspeed import grads as ma_grads
+
+            ma_grads.MAX_OPEN = spec["grad_max_open"]
     if spec["model"] == "llama":
         # Import the model class before zero.Init patches tensor constructors: its lazy
         # imports (torch._dynamo) fail under the patch.
@@ -105,13 +110,15 @@ def main(path):
         engine.load_checkpoint(spec["load"], tag="ckpt")
         start = spec["load_step"]
     losses = []
+    gas = spec.get("gas", 1)
     for step in range(start, spec["steps"]):
-        loss = loss_of(engine, spec, batch(spec, step, rank))
-        if step in spec.get("overflow_steps", ()):
-            loss = loss * float("inf")  # every gradient becomes inf or nan
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
+        for micro in range(gas):  # engine.step() steps the optimizer on the last one
+            loss = loss_of(engine, spec, batch(spec, step * gas + micro, rank))
+            if step in spec.get("overflow_steps", ()):
+                loss = loss * float("inf")  # every gradient becomes inf or nan
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
         if spec.get("save") and step + 1 == spec["save_step"]:
             engine.save_checkpoint(spec["save"], tag="ckpt")
     out = {"rank": rank, "losses": losses, "skipped_steps": int(engine.skipped_steps),

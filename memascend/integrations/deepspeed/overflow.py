@@ -5,7 +5,8 @@ DeepSpeed's ``DeepSpeedZeroOptimizer_Stage3.has_overflow`` runs ``torch.isinf`` 
 the partition, at the step, when memory peaks. :func:`has_overflow` gives the same answer
 (including the all-reduce over the data-parallel and model-parallel groups) with
 :func:`memascend.overflow.has_inf_or_nan`, whose largest temporary is one 1 Mi-element chunk.
-:func:`~memascend.integrations.deepspeed.enable` installs it.
+:func:`~memascend.integrations.deepspeed.enable` installs it. Gradients streamed to the
+swap area (:mod:`.grads`) were checked as each partition arrived; their flag is used here.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def has_overflow(self: Any, partition_gradients: bool = True) -> bool:
     """Drop-in for ``DeepSpeedZeroOptimizer_Stage3.has_overflow`` (see the module docstring)."""
     device = get_accelerator().current_device_name()
     if partition_gradients:
-        bad = has_inf_or_nan(self.grad_partitions_flat_buffer)
+        grads = getattr(self, "_ma_grads", None)  # streamed partitions: checked on arrival
+        bad = (grads is not None and grads.overflow) or \
+            has_inf_or_nan(self.grad_partitions_flat_buffer)
         flag = torch.tensor([int(bad)], dtype=torch.uint8, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dp_process_group)
     else:

@@ -56,6 +56,10 @@ class Options:
         no ``buffer_count`` x sub-group buffers, Adam state never materialised whole.
         Applies to DeepSpeedCPUAdam with fp32 state; other optimizers keep DeepSpeed's
         whole-sub-group swapping.
+    stream_grads:
+        With ``stream_optimizer``: keep the gradient partitions of streamed sub-groups as
+        pieces in the swap area instead of stage 3's flat buffer, the whole model in the
+        gradient dtype (default True; see :mod:`.grads`).
     optimizer_chunk:
         Bytes of one piece of one fp32 tensor when streaming (default 16 MiB; a multiple
         of 4 KiB).
@@ -70,6 +74,7 @@ class Options:
     param_budget: Optional[Any] = None
     checksum: str = "crc32c"
     stream_optimizer: bool = True
+    stream_grads: bool = True
     optimizer_chunk: Any = 16 << 20
     optimizer_budget: Optional[Any] = None
 
@@ -84,6 +89,9 @@ class Options:
         if not isinstance(self.stream_optimizer, bool):
             raise ConfigError("memascend.stream_optimizer",
                               f"must be true or false, got {self.stream_optimizer!r}")
+        if not isinstance(self.stream_grads, bool):
+            raise ConfigError("memascend.stream_grads",
+                              f"must be true or false, got {self.stream_grads!r}")
         chunk = parse_size("memascend.optimizer_chunk", self.optimizer_chunk)
         if chunk < 4096 or chunk % 4096:
             raise ConfigError("memascend.optimizer_chunk",

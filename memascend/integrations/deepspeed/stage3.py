@@ -10,7 +10,12 @@ write-back included, inside ``_optimizer_step`` piece by piece. ``initialize_opt
 (which swaps every sub-group in whole with a largest-sub-group gradient buffer) is skipped for
 swapped sub-groups: their Adam state starts at the first step, one piece at a time. Outside a
 step, the write-back (``reset_swap_buffers`` after a checkpoint load) streams the stored
-master into the parameters. Every other case calls DeepSpeed's own method.
+master into the parameters. With ``stream_grads`` (:mod:`.grads`), ``_setup_for_real_optimizer``
+gives stage 3 a flat gradient buffer for the other sub-groups only, ``partition_grads`` sends
+streamed partitions to the gradient pieces, the backward epilogue and ``_pre_step`` write the
+open pieces, and ``finalize_gradient_accumulation_boundary`` (client-managed accumulation,
+which reads every partition) is refused with a clear error. Every other case calls DeepSpeed's
+own method.
 """
 from __future__ import annotations
 
@@ -19,12 +24,16 @@ from typing import Any
 
 import torch
 
+from ...errors import MemAscendError
+from .grads import GradPieces, setup_buffers
 from .stream import (ParamWriter, StreamingOptimizerSwapper, combined_inv_scale, grad_reader,
                      parts_of)
 
 HOOKED = ("initialize_optimizer_states", "_prepare_sub_group", "unscale_and_clip_grads",
           "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters",
-          "_release_sub_group")
+          "_release_sub_group", "_setup_for_real_optimizer", "partition_grads",
+          "independent_gradient_partition_epilogue", "_pre_step",
+          "finalize_gradient_accumulation_boundary")
 
 
 def _streamed(self: Any, sub_group_id: int) -> bool:
@@ -81,9 +90,12 @@ def _optimizer_step(original: Any) -> Any:
         group = self.optimizer.param_groups[self.sub_group_to_group_id[sub_group_id]]
         inv_scale = getattr(self, "_ma_inv_scale", {}).pop(sub_group_id, 1.0)
         nxt = self.next_swappable_fp32_partitioned_groups[sub_group_id]
+        grads = getattr(self, "_ma_grads", None)
+        from_pieces = grads is not None and sub_group_id in grads.groups
         self.optimizer_swapper.step_group(
             str(self.fp32_partitioned_groups_flat[sub_group_id].ds_id),
-            parts_of(self, sub_group_id), grad_reader(self, sub_group_id), inv_scale, group,
+            parts_of(self, sub_group_id),
+            None if from_pieces else grad_reader(self, sub_group_id), inv_scale, group,
             ParamWriter(), next_ds_id=str(nxt.ds_id) if nxt is not None else None)
         if self.fp16_partitioned_groups_flat[sub_group_id] is not None:
             self._unflatten_partitioned_parameters(sub_group_id)
@@ -119,12 +131,84 @@ def _release_sub_group(original: Any) -> Any:
     return _release_sub_group
 
 
+def _setup_for_real_optimizer(original: Any) -> Any:
+    @functools.wraps(original)
+    def _setup_for_real_optimizer(self: Any) -> None:
+        sw = getattr(self, "optimizer_swapper", None)
+        if not isinstance(sw, StreamingOptimizerSwapper) or not sw.rt.options.stream_grads:
+            return original(self)
+        # DeepSpeed 0.19.8's body, but for the flat gradient buffer (grads.setup_buffers).
+        from deepspeed import comm as dist
+        from deepspeed.utils import logger
+
+        self._create_fp32_partitions()
+        dist.barrier()
+        self._create_next_swappable_fp32_groups()
+        self.initialize_optimizer_states()
+        dist.barrier()
+        if dist.get_rank() == 0:
+            logger.info("optimizer state initialized")
+        streamed = [i for i in range(len(self.fp16_groups)) if _streamed(self, i)]
+        self._ma_grads = GradPieces(sw, streamed) if streamed else None
+        sw.grads = self._ma_grads
+        setup_buffers(self, self._ma_grads or GradPieces(sw, []))
+        return None
+    return _setup_for_real_optimizer
+
+
+def _partition_grads(original: Any) -> Any:
+    @functools.wraps(original)
+    def partition_grads(self: Any, params_to_release: Any, grad_partitions: Any) -> Any:
+        grads = getattr(self, "_ma_grads", None)
+        if grads is None:
+            return original(self, params_to_release, grad_partitions)
+        return grads.partition(self, original, params_to_release, grad_partitions)
+    return partition_grads
+
+
+def _epilogue(original: Any) -> Any:
+    @functools.wraps(original)
+    def independent_gradient_partition_epilogue(self: Any) -> None:
+        original(self)
+        grads = getattr(self, "_ma_grads", None)
+        if grads is not None:
+            grads.flush()  # every gradient piece of this backward is on disk before the step
+    return independent_gradient_partition_epilogue
+
+
+def _pre_step(original: Any) -> Any:
+    @functools.wraps(original)
+    def _pre_step(self: Any) -> None:
+        original(self)
+        grads = getattr(self, "_ma_grads", None)
+        if grads is not None:
+            grads.flush()
+            grads.steps += 1
+    return _pre_step
+
+
+def _finalize_boundary(original: Any) -> Any:
+    @functools.wraps(original)
+    def finalize_gradient_accumulation_boundary(self: Any) -> None:
+        if getattr(self, "_ma_grads", None) is not None:
+            raise MemAscendError("managed_gradient_accumulation false reads every gradient "
+                                 "partition at the step; memascend streams them to the swap "
+                                 "area. Set \"memascend\": {\"stream_grads\": false} for it")
+        return original(self)
+    return finalize_gradient_accumulation_boundary
+
+
 WRAPPERS = {"initialize_optimizer_states": _initialize_optimizer_states,
             "_prepare_sub_group": _prepare_sub_group,
             "unscale_and_clip_grads": _unscale_and_clip_grads,
             "_optimizer_step": _optimizer_step,
             "_reassign_or_swap_out_partitioned_parameters": _reassign,
-            "_release_sub_group": _release_sub_group}
+            "_release_sub_group": _release_sub_group,
+            "_setup_for_real_optimizer": _setup_for_real_optimizer,
+            "partition_grads": _partition_grads,
+            "independent_gradient_partition_epilogue": _epilogue,
+            "_pre_step": _pre_step,
+            "finalize_gradient_accumulation_boundary": _finalize_boundary}
 
 
 def install(cls: Any, originals: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ the tier's one swap area) and steps it piece by piece through a budgeted
 :class:`~memascend.swapper.TensorSwapper`: the next pieces are read ahead, finished ones
 written behind, new state is zero-filled one piece at a time. Gradients are not swapped: stage
 3 keeps every gradient partition in its flat buffer until the step, and each piece copies its
-slice from there. The updated master is converted into the compute-dtype parameters as each
+slice from there; or, with ``stream_grads``, :mod:`.grads` has written them as pieces
+``{ds_id}/g/{k}`` during backward and the step reads each with its master and moments. The updated master is converted into the compute-dtype parameters as each
 piece finishes (a parameter on NVMe is staged whole in the compute dtype, then written).
 
 Pieces start at multiples of the piece size within the sub-group, and DeepSpeed's Adam
@@ -112,6 +113,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
                                 plan_prefetch=False)
         self._numel: dict[str, int] = {}  # ds_id -> sub-group numel
         self._steps: dict[str, int] = {}  # ds_id -> steps taken (cache of the step keys)
+        self.grads: Any = None  # the GradPieces stage 3 writes gradients through, if any
 
     # ---- what stage 3 asks of every optimizer swapper ----
     def is_swappable_tensor(self, tensor: Any = None, numel: Optional[int] = None) -> bool:
@@ -257,12 +259,14 @@ class StreamingOptimizerSwapper(_StoreBacked):
         self._steps[ds_id] = step
 
     # ---- the step ----
-    def step_group(self, ds_id: str, parts: list[_Part], grad_of: Callable[[int, Any], None],
-                   inv_scale: Any, group: dict[str, Any], lp_out: "ParamWriter",
+    def step_group(self, ds_id: str, parts: list[_Part],
+                   grad_of: Optional[Callable[[int, Any], None]], inv_scale: Any,
+                   group: dict[str, Any], lp_out: "ParamWriter",
                    next_ds_id: Optional[str] = None) -> None:
         """One Adam step of sub-group ``ds_id``, piece by piece.
 
-        ``grad_of(start, dst)`` fills a piece with the gradient from ``start`` on;
+        ``grad_of(start, dst)`` fills a piece with the gradient from ``start`` on (None:
+        the gradient pieces ``{ds_id}/g/{k}`` in the area, read ahead with the rest);
         ``inv_scale`` multiplies it first (unscaling and clipping, as stage 3 does on a
         whole sub-group); ``lp_out`` receives each updated master piece.
         """
@@ -274,9 +278,12 @@ class StreamingOptimizerSwapper(_StoreBacked):
         fresh = step == 1 or self._key(ds_id, "m", 0) not in self.store
         pieces = self._pieces(numel)
 
-        def keys(k: int, gid: str = ds_id) -> list[str]:
+        def keys(k: int) -> list[str]:
             kinds = ("master",) if fresh else ("master", "m", "v")
-            return [self._key(gid, kind, k) for kind in kinds]
+            out = [self._key(ds_id, kind, k) for kind in kinds]
+            if grad_of is None and self._key(ds_id, "g", k) in self.store:
+                out.append(self._key(ds_id, "g", k))
+            return out
 
         grad_lease = self.rt.lease(min(self.piece_numel, numel) * 4)
         try:
@@ -288,8 +295,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
                         next_ds_id in self._numel:
                     self.sw.prefetch([self._key(next_ds_id, "master", 0)])
                 grad = grad_lease.as_tensor(torch.float32, n)
-                grad_of(a, grad)
-                grad.mul_(inv_scale)
+                self._grad(ds_id, k, a, grad, grad_of, inv_scale)
                 master = self.sw.swap_in(self._key(ds_id, "master", k)).wait()
                 if fresh:
                     zeros = torch.zeros(n, dtype=torch.float32)
@@ -310,6 +316,23 @@ class StreamingOptimizerSwapper(_StoreBacked):
         self.sw.wait_idle(self.sw.config.wait_timeout)
         lp_out.finish()
         self._set_step(ds_id, step)
+
+    def _grad(self, ds_id: str, k: int, start: int, dst: Any,
+              grad_of: Optional[Callable[[int, Any], None]], inv_scale: Any) -> None:
+        """Piece ``k``'s gradient times ``inv_scale`` into ``dst``: from ``grad_of``, or
+        from the gradient piece in the area (:mod:`.grads`; zeros if none was written)."""
+        if grad_of is not None:
+            grad_of(start, dst)
+            dst.mul_(inv_scale)
+            return
+        key = self._key(ds_id, "g", k)
+        if key not in self.store:
+            dst.zero_()
+            return
+        try:
+            torch.mul(self.sw.swap_in(key).wait(), inv_scale, out=dst)
+        finally:
+            self.sw.release(key)
 
     def write_params(self, ds_id: str, parts: list[_Part], lp_out: "ParamWriter") -> None:
         """Convert the stored fp32 master of ``ds_id`` into its compute-dtype parameters
@@ -342,8 +365,12 @@ class StreamingOptimizerSwapper(_StoreBacked):
             self._steps.clear()
 
     def stats(self) -> dict[str, Any]:
-        """The streamed tier's swapper counters (bytes and counts)."""
-        return self.sw.stats().to_dict()
+        """The streamed tier's swapper counters (bytes and counts); with streamed gradients,
+        also ``grad_pieces`` (:meth:`.grads.GradPieces.stats`)."""
+        out = self.sw.stats().to_dict()
+        if self.grads is not None:
+            out["grad_pieces"] = self.grads.stats()
+        return out
 
 
 class ParamWriter:

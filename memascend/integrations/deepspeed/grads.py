@@ -1,0 +1,299 @@
+"""Stage 3's gradient partitions for streamed sub-groups, kept as pieces in the swap area.
+
+With ``offload_optimizer``, stage 3 allocates one flat buffer for the gradient partition of
+every parameter (``grad_partitions_flat_buffer``: the whole model in the gradient
+accumulation dtype, pinned), copies each reduced gradient into it during backward and reads
+it at the step. For the sub-groups the streamed optimizer steps, :class:`GradPieces`
+replaces that buffer with pieces of the sub-group's flat gradient, laid out like its master
+and Adam state (keys ``{ds_id}/g/{k}``, ``optimizer_chunk`` bytes each). A gradient that
+arrives is handed to stage 3's own ``partition_grads`` in a temporary the size of that one
+partition (so the norm, the accumulation and its dtype are DeepSpeed's), then copied into the
+pieces it covers; a piece is written behind as soon as every parameter in it has arrived.
+At most ``MAX_OPEN`` pieces are open at once: when more are needed the oldest is written
+while incomplete and read back when its next parameter comes (elements nobody wrote keep
+their stored value, as they keep their old value in stage 3's buffer). With gradient
+accumulation, a piece of a later micro-step starts from the stored sum. The step then reads
+each gradient piece with the piece's master and moments (:meth:`.stream.
+StreamingOptimizerSwapper.step_group`). Parameters of other sub-groups keep views into a flat
+buffer that holds only them. The fp16 overflow flag is taken on every partition as it
+arrives (the fused check), so no full-size scan is needed at the step.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ...errors import MemAscendError
+from ...overflow import has_inf_or_nan
+
+MAX_OPEN = 4  # open gradient pieces (each optimizer_chunk bytes) while backward runs
+
+
+class GradViews(dict):
+    """Stage 3's ``param ds_id -> gradient partition`` map. Streamed parameters are in it
+    only while their gradient is being accumulated; asking for one at another time is an
+    error that says why (instead of a KeyError deep inside DeepSpeed)."""
+
+    streamed: frozenset = frozenset()
+
+    def __missing__(self, ds_id: Any) -> Any:
+        if ds_id in self.streamed:
+            raise MemAscendError(
+                f"the gradient partition of parameter ds_id={ds_id} is in the swap area "
+                "(memascend streams gradients of swapped sub-groups); set \"memascend\": "
+                "{\"stream_grads\": false} for DeepSpeed features that read it directly")
+        raise KeyError(ds_id)
+
+
+@dataclass
+class _Piece:
+    lease: Any
+    t: Any  # fp32 view of the lease, the piece's elements
+    covered: set = field(default_factory=set)  # ds_ids written in this micro-step
+
+
+@dataclass
+class _Span:
+    ds_id: Any
+    group: int  # sub-group index
+    offset: int  # elements into the sub-group's flat gradient
+    numel: int
+
+
+class GradPieces:
+    """The gradient pieces of one stage-3 optimizer (module docstring).
+
+    ``swapper`` is its :class:`~.stream.StreamingOptimizerSwapper` (store, budgeted
+    swapper, piece size); ``streamed`` the indices of the sub-groups it steps.
+    """
+
+    def __init__(self, swapper: Any, streamed: list[int]) -> None:
+        self.osw = swapper
+        self.groups = set(streamed)
+        self.n = swapper.piece_numel
+        self._spans: Optional[dict[Any, _Span]] = None  # ds_id -> where
+        self._need: dict[tuple[int, int], frozenset] = {}  # (group, k) -> ds_ids in it
+        self._group_key: dict[int, str] = {}  # group -> ds_id of its fp32 flat (key prefix)
+        self._open: "OrderedDict[tuple[int, int], _Piece]" = OrderedDict()
+        self._written: set[tuple[int, int]] = set()  # pieces written this micro-step
+        self._window: Optional[tuple[int, int]] = None  # (steps, micro_step_id)
+        self._writes: list[Any] = []  # handles of piece writes not yet checked
+        self.steps = 0  # stage 3 steps begun (the _pre_step hook counts)
+        self.overflow = False
+        self.counts = {"pieces_written": 0, "partial_writes": 0, "base_reads": 0,
+                       "partitions": 0}
+
+    # ---- layout ----
+    def _layout(self, stage3: Any) -> None:
+        spans: dict[Any, _Span] = {}
+        need: dict[tuple[int, int], set] = {}
+        for i in sorted(self.groups):
+            self._group_key[i] = str(stage3.fp32_partitioned_groups_flat[i].ds_id)
+            for param in stage3.fp16_groups[i]:
+                real = param.partition_numel() * stage3._get_param_partition_rank(param) < \
+                    param.ds_numel
+                if not real:  # all padding on this rank: zeros, like stage 3's buffer
+                    continue
+                _, offset, numel = stage3.grad_position[stage3.get_param_id(param)]
+                spans[param.ds_id] = _Span(param.ds_id, i, int(offset), int(numel))
+                for k in range(int(offset) // self.n, (int(offset) + int(numel) - 1) // self.n + 1):
+                    need.setdefault((i, k), set()).add(param.ds_id)
+        self._need = {key: frozenset(v) for key, v in need.items()}
+        self._spans = spans
+
+    def covers(self, ds_id: Any) -> bool:
+        """True if this parameter's gradient goes to the pieces (needs the layout built)."""
+        return self._spans is not None and ds_id in self._spans
+
+    def key(self, group: int, k: int) -> str:
+        """The store key of gradient piece ``k`` of sub-group ``group``."""
+        return f"{self._group_key[group]}/g/{k}"
+
+    def _piece_numel(self, group_numel: int, k: int) -> int:
+        return min(self.n, group_numel - k * self.n)
+
+    # ---- windows: micro-steps and steps ----
+    def _enter(self, stage3: Any) -> None:
+        window = (self.steps, int(stage3.micro_step_id))
+        if window == self._window:
+            return
+        self.flush()
+        self._written.clear()
+        if self._window is None or window[0] != self._window[0]:
+            self.overflow = False  # a new accumulation window
+        self._window = window
+
+    # ---- pieces ----
+    def _open_piece(self, stage3: Any, group: int, k: int, accumulate: bool) -> _Piece:
+        pk = (group, k)
+        p = self._open.get(pk)
+        if p is not None:
+            self._open.move_to_end(pk)
+            return p
+        while len(self._open) >= MAX_OPEN:
+            old = next(iter(self._open))
+            self._close(old)
+        numel = self._piece_numel(int(stage3.fp16_partitioned_groups_flat_numel[group]), k)
+        lease = self.osw.rt.lease(numel * 4)
+        t = lease.as_tensor(torch.float32, numel)
+        key = self.key(group, k)
+        if pk in self._written or (accumulate and key in self.osw.store):
+            self._load(key, t)  # written this micro-step (maybe still in flight), or a sum
+        else:
+            t.zero_()
+        p = self._open[pk] = _Piece(lease, t)
+        return p
+
+    def _load(self, key: str, dst: Any) -> None:
+        sw = self.osw.sw
+        try:
+            dst.copy_(sw.swap_in(key).wait())
+        finally:
+            sw.release(key)
+        self.counts["base_reads"] += 1
+
+    def _close(self, pk: tuple[int, int]) -> None:
+        p = self._open.pop(pk)
+        try:
+            complete = p.covered >= self._need.get(pk, frozenset())
+            key = self.key(*pk)
+            if not complete and pk not in self._written and key in self.osw.store:
+                self._keep_stored(pk, p)  # elements nobody wrote keep their stored value
+            if not complete:
+                self.counts["partial_writes"] += 1
+            self._written.add(pk)
+            self._track(self.osw.sw.swap_out(key, p.t))  # copied into the budget, written behind
+            self.counts["pieces_written"] += 1
+        finally:
+            del p.t
+            self.osw.rt.free(p.lease)
+
+    def _keep_stored(self, pk: tuple[int, int], p: _Piece) -> None:
+        group, k = pk
+        old_lease = self.osw.rt.lease(p.t.numel() * 4)
+        try:
+            old = old_lease.as_tensor(torch.float32, p.t.numel())
+            self._load(self.key(group, k), old)
+            start = k * self.n
+            for ds_id in self._need[pk] - p.covered:
+                s = self._spans[ds_id]
+                lo, hi = max(start, s.offset), min(start + p.t.numel(), s.offset + s.numel)
+                p.t.narrow(0, lo - start, hi - lo).copy_(old.narrow(0, lo - start, hi - lo))
+            del old
+        finally:
+            self.osw.rt.free(old_lease)
+
+    def _pieces_of(self, s: _Span) -> range:
+        return range(s.offset // self.n, (s.offset + s.numel - 1) // self.n + 1)
+
+    def flush(self) -> None:
+        """Write every open piece and wait for the writes (the end of a backward pass)."""
+        while self._open:
+            self._close(next(iter(self._open)))
+        handles, self._writes = self._writes, []
+        for h in handles:
+            h.wait(self.osw.sw.config.wait_timeout)  # a failed write raises here
+
+    def _track(self, h: Any) -> None:
+        """Keep a write's handle; completed ones are checked (and dropped) as we go."""
+        self._writes.append(h)
+        if len(self._writes) > 4 * MAX_OPEN:
+            left = []
+            for w in self._writes:
+                if w.done():
+                    w.wait(0)  # raises SwapIOError if the write failed
+                else:
+                    left.append(w)
+            self._writes = left
+
+    # ---- stage 3's partition_grads, for streamed parameters ----
+    def partition(self, stage3: Any, original: Callable, params: list[Any],
+                  grad_partitions: list[Any]) -> list[Any]:
+        """Run stage 3's ``partition_grads`` one parameter at a time; a streamed one gets a
+        temporary partition that is then copied into its pieces."""
+        if self._spans is None:
+            self._layout(stage3)
+        self._enter(stage3)
+        views = stage3._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+        accumulate = int(stage3.micro_step_id) != 0
+        buffers = []
+        for param, grad in zip(params, grad_partitions):
+            s = self._spans.get(param.ds_id)
+            if s is None:
+                buffers.extend(original(stage3, [param], [grad]) or [])
+                continue
+            dtype = stage3.gradient_accumulation_dtype
+            lease = self.osw.rt.lease(s.numel * torch.empty(0, dtype=dtype).element_size())
+            try:
+                temp = lease.as_tensor(dtype, s.numel)
+                if accumulate:
+                    self._gather(stage3, s, temp)
+                views[param.ds_id] = temp
+                try:
+                    original(stage3, [param], [grad])
+                finally:
+                    del views[param.ds_id]
+                if not self.overflow and has_inf_or_nan(temp):
+                    self.overflow = True
+                self._scatter(stage3, s, temp, accumulate)
+                self.counts["partitions"] += 1
+                del temp
+            finally:
+                self.osw.rt.free(lease)
+        return buffers
+
+    def _gather(self, stage3: Any, s: _Span, temp: Any) -> None:
+        for k in self._pieces_of(s):
+            p = self._open_piece(stage3, s.group, k, accumulate=True)
+            lo, hi, a = self._overlap(s, k, p)
+            temp.narrow(0, lo - s.offset, hi - lo).copy_(p.t.narrow(0, lo - a, hi - lo))
+
+    def _scatter(self, stage3: Any, s: _Span, temp: Any, accumulate: bool) -> None:
+        for k in self._pieces_of(s):
+            pk = (s.group, k)
+            p = self._open_piece(stage3, s.group, k, accumulate)
+            lo, hi, a = self._overlap(s, k, p)
+            p.t.narrow(0, lo - a, hi - lo).copy_(temp.narrow(0, lo - s.offset, hi - lo))
+            p.covered.add(s.ds_id)
+            if p.covered >= self._need[pk]:
+                self._close(pk)
+
+    def _overlap(self, s: _Span, k: int, p: _Piece) -> tuple[int, int, int]:
+        a = k * self.n
+        return max(a, s.offset), min(a + p.t.numel(), s.offset + s.numel), a
+
+    def stats(self) -> dict[str, int]:
+        """Counters: partitions taken, pieces written (of them incomplete), base reads."""
+        return dict(self.counts)
+
+
+def setup_buffers(stage3: Any, grads: GradPieces) -> None:
+    """The end of stage 3's ``_setup_for_real_optimizer`` (DeepSpeed 0.19.8) with the flat
+    gradient buffer holding only the parameters of sub-groups that are not streamed."""
+    from deepspeed.accelerator import get_accelerator
+
+    if stage3.contiguous_gradients:
+        for dtype, bucket in stage3.ipg_buckets.items():
+            bucket.buffer = torch.empty(stage3.reduce_bucket_size, dtype=dtype,
+                                        device=get_accelerator().current_device_name())
+    kept = [p for i, group in enumerate(stage3.fp16_groups) if i not in grads.groups
+            for p in group]
+    streamed = [p.ds_id for i in grads.groups for p in stage3.fp16_groups[i]]
+    flat = torch.zeros(sum(p.partition_numel() for p in kept),
+                       dtype=stage3.gradient_accumulation_dtype, device=stage3.device)
+    if stage3.offload_optimizer_pin_memory and flat.numel():
+        flat = get_accelerator().pin_memory(flat)
+    views = GradViews()
+    views.streamed = frozenset(streamed)
+    offset = 0
+    for param in kept:
+        views[param.ds_id] = flat.narrow(0, offset, param.partition_numel())
+        offset += param.partition_numel()
+    stage3.grad_partitions_flat_buffer = flat
+    stage3._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition = views
+
+
+__all__ = ["GradPieces", "GradViews", "setup_buffers", "MAX_OPEN"]
