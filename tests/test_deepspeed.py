@@ -75,7 +75,7 @@ def test_nvme_through_memascend_matches_cpu_offload(tmp_path, model):
     # the optimizer steps each sub-group in pieces under its own small budget
     assert got["optimizer_swapper"] == "StreamingOptimizerSwapper"
     os_ = got["optim_stats"]
-    assert os_["pinned_peak"] <= os_["budget_bytes"] == 10 * (16 << 20)
+    assert os_["pinned_peak"] <= os_["budget_bytes"] == 16 * (16 << 20)
     assert os_["bytes_read"] > 0 and os_["bytes_written"] > 0
     eng = got["stats"]["engine"]
     assert eng["bytes_read"] > 0 and eng["bytes_written"] > 0 and eng["errors"] == 0
@@ -116,7 +116,7 @@ def test_streamed_step_in_small_pieces_is_bitwise(tmp_path):
               memascend={"optimizer_chunk": "64KiB"})[0]
     assert got["optimizer_swapper"] == "StreamingOptimizerSwapper"
     assert got["losses"] == ref["losses"]
-    assert got["optim_stats"]["pinned_peak"] <= 10 * (64 << 10)
+    assert got["optim_stats"]["pinned_peak"] <= 16 * (64 << 10)
     # gradients went through the swap area as pieces, not stage 3's flat buffer
     gp = got["optim_stats"]["grad_pieces"]
     assert gp["pieces_written"] > 0 and gp["partitions"] > 0

@@ -64,8 +64,9 @@ class Options:
         Bytes of one piece of one fp32 tensor when streaming (default 16 MiB; a multiple
         of 4 KiB).
     optimizer_budget:
-        Pinned bytes of the streamed optimizer tier (default 10 x ``optimizer_chunk``:
-        master, m and v of the current piece and two read ahead, plus slack).
+        Pinned bytes of the streamed optimizer tier (default 16 x ``optimizer_chunk``:
+        master, m, v and gradient of the current piece and two read ahead, plus the
+        write-behind; in backward, the staging of gradient piece writes).
     """
 
     enabled: bool = True

@@ -108,7 +108,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
         self.min_aio_bytes = max(MIN_AIO_BYTES, int(aio_config["block_size"]))
         opts = self.rt.options
         self.piece_numel = opts.optimizer_chunk // 4
-        budget = opts.optimizer_budget or 10 * opts.optimizer_chunk
+        budget = opts.optimizer_budget or 16 * opts.optimizer_chunk
         self.sw = TensorSwapper(self.store, pool=self.rt.pool, budget_bytes=budget,
                                 plan_prefetch=False)
         self._numel: dict[str, int] = {}  # ds_id -> sub-group numel
