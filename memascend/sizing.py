@@ -197,6 +197,9 @@ class DeepSpeedConfig:
     aio_overlap_events, aio_use_gds:
         ``aio``: defaults 1,048,576, 8, 1, False, True, False. Other ``aio`` keys are ignored,
         as DeepSpeed ignores them (and noted).
+    stream_optimizer, stream_grads, optimizer_chunk, optimizer_budget:
+        The ``"memascend"`` block's settings for the drop-in (defaults True, True, 16 MiB,
+        None = 16 pieces); stock DeepSpeed ignores them.
     notes:
         What parsing assumed (``"auto"`` values, ignored keys).
     """
@@ -224,6 +227,10 @@ class DeepSpeedConfig:
     aio_single_submit: bool = False
     aio_overlap_events: bool = True
     aio_use_gds: bool = False
+    stream_optimizer: bool = True
+    stream_grads: bool = True
+    optimizer_chunk: int = 16 << 20
+    optimizer_budget: Optional[int] = None
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -349,10 +356,21 @@ def parse_deepspeed_config(cfg: Mapping[str, Any]) -> DeepSpeedConfig:
         aio_single_submit=_cfg_bool(aio, "single_submit", False, "aio"),
         aio_overlap_events=_cfg_bool(aio, "overlap_events", True, "aio"),
         aio_use_gds=_cfg_bool(aio, "use_gds", False, "aio"),
+        **_memascend_block(cfg.get("memascend")),
         notes=tuple(notes))
     if out.reduce_bucket_size <= 0:
         raise ConfigError("zero_optimization.reduce_bucket_size", "must be > 0")
     return out
+
+
+def _memascend_block(block: Any) -> dict[str, Any]:
+    """The drop-in's streaming settings from a ``"memascend"`` block (validated as the
+    drop-in validates it)."""
+    from .integrations.deepspeed.runtime import Options
+
+    o = Options.merged(Options(), block)
+    return {"stream_optimizer": o.stream_optimizer, "stream_grads": o.stream_grads,
+            "optimizer_chunk": o.optimizer_chunk, "optimizer_budget": o.optimizer_budget}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,6 +641,30 @@ def ds_optimizer_budget_bytes(buffer_count: int, largest_subgroup_numel: int) ->
         Partition elements of the largest optimizer sub-group.
     """
     return int(buffer_count) * round_up(int(largest_subgroup_numel) * 4)
+
+
+#: Open gradient pieces while backward runs (``memascend.integrations.deepspeed.grads``).
+GRAD_PIECES_OPEN = 4
+
+
+def ma_stream_tier_budget(chunk: int, budget: Optional[int] = None) -> int:
+    """The streamed optimizer tier's swapper budget: ``optimizer_budget``, default 16 pieces
+    of ``chunk`` bytes (master, m, v and gradient of a piece and two read ahead, plus the
+    write-behind)."""
+    return int(budget) if budget is not None else 16 * int(chunk)
+
+
+def ma_stream_budget_bytes(chunk: int, budget: Optional[int] = None) -> int:
+    """Pinned bytes of the drop-in's streamed optimizer tier: its swapper budget
+    (:func:`ma_stream_tier_budget`) plus the step's one gradient-piece lease."""
+    return ma_stream_tier_budget(chunk, budget) + int(chunk)
+
+
+def ma_grad_pieces_bytes(largest_partition_numel: int, grad_bytes: int, chunk: int) -> int:
+    """Backward transient of streamed gradients: the temporary of the partition being taken
+    (the largest, in the gradient dtype) and the open pieces (``GRAD_PIECES_OPEN`` × chunk);
+    the writes' staging is inside the optimizer tier's budget."""
+    return round_up(int(largest_partition_numel) * grad_bytes) + GRAD_PIECES_OPEN * int(chunk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,6 +211,13 @@ def test_fused_overflow_check_replaces_stage3_has_overflow(monkeypatch):
     flat = torch.ones(n, dtype=torch.float16)
     flat[1] = float("inf")
     assert overflow.has_overflow(Fake(flat), False) is True
+    # streamed gradients were checked as they arrived: their flag counts too
+    from types import SimpleNamespace
+
+    for flag in (False, True):
+        fake = Fake(torch.ones(8, dtype=torch.float16))
+        fake._ma_grads = SimpleNamespace(overflow=flag)
+        assert overflow.has_overflow(fake, True) is flag
     assert reduces[:2] == [("dp", "dp-group"), ("mp", None)]
 
     original = Stage3.has_overflow

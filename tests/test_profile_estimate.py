@@ -58,13 +58,42 @@ def test_drop_in_uses_exact_budgets_and_no_reserve():
     assert ma.component("partitioned_reserve").nbytes == 0
     assert ma.component("param_pool").nbytes == sz.ds_param_budget_bytes(5, largest * 2)
     assert stock.component("param_pool").nbytes == 5 * sz.ds_align(5_000_000, 512) * 2
-    groups = sz.ds_sub_groups([x for x in _numels(model)], 10_000_000)
-    assert ma.component("optimizer_pool").nbytes == sz.ds_optimizer_budget_bytes(
-        4, max(sum(g) for g in groups))
-    for name in ("fp16_flat_cpu", "gradient_buffer", "ipg_bucket"):
+    # the streamed step: one budget of pieces, no whole-sub-group buffers, no Adam state
+    # created whole, no flat gradient buffer (gradients are pieces too)
+    assert ma.component("optimizer_pool").nbytes == 17 * (16 << 20)
+    assert ma.component("adam_first_step") is None
+    assert ma.component("init_gradient_buffer") is None
+    assert ma.component("gradient_buffer").nbytes == 0
+    assert ma.component("grad_pieces").phase == "backward"
+    for name in ("fp16_flat_cpu", "ipg_bucket"):
         assert ma.component(name).nbytes == stock.component(name).nbytes
     assert ma.peak_bytes < stock.peak_bytes
     assert ma.ssd.capacity_peak == 2 * ma.ssd.capacity  # the store's sync_slack
+    # streaming off: DeepSpeed-sized buffers, exact leases
+    whole = estimate_deepspeed(w, sz.parse_deepspeed_config(
+        {**ZERO_INF, "memascend": {"stream_optimizer": False},
+         "zero_optimization": {"stage": 3, "sub_group_size": 10_000_000,
+                               "offload_param": {"device": "nvme", "max_in_cpu": 0,
+                                                 "buffer_size": 5_000_000},
+                               "offload_optimizer": {"device": "nvme"}}}), flavor="memascend")
+    groups = sz.ds_sub_groups([x for x in _numels(model)], 10_000_000)
+    assert whole.component("optimizer_pool").nbytes == sz.ds_optimizer_budget_bytes(
+        4, max(sum(g) for g in groups))
+    assert whole.component("gradient_buffer").nbytes == \
+        stock.component("gradient_buffer").nbytes
+    assert whole.component("adam_first_step").nbytes == \
+        stock.component("adam_first_step").nbytes
+
+
+def test_memascend_block_is_validated_like_the_drop_in():
+    with pytest.raises(ConfigError, match="memascend.optimizer_chunk"):
+        sz.parse_deepspeed_config({"memascend": {"optimizer_chunk": 1000}})
+    with pytest.raises(ConfigError, match="memascend.bogus"):
+        sz.parse_deepspeed_config({"memascend": {"bogus": 1}})
+    cfg = sz.parse_deepspeed_config({"memascend": {"optimizer_chunk": "1MiB",
+                                                   "stream_grads": False}})
+    assert (cfg.optimizer_chunk, cfg.stream_grads, cfg.stream_optimizer) == (1 << 20, False,
+                                                                             True)
 
 
 def _numels(model):

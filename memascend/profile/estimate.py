@@ -322,7 +322,23 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
 
     # Optimizer swap pool.
     swappable_opt = ds.optimizer_on_nvme and sz.ds_is_swappable(largest_group, 4, ds.aio_block_size)
-    if ds.optimizer_on_nvme:
+    # The drop-in's streamed step (DeepSpeedCPUAdam, fp32 state): swapped sub-groups in pieces.
+    streamed = [not stock and ds.optimizer_on_nvme and ds.stream_optimizer and
+                sz.ds_is_swappable(n, 4, ds.aio_block_size) for n in group_totals]
+    grads_streamed = [s and ds.stream_grads for s in streamed]
+    whole = [n for n, s in zip(group_totals, streamed) if not s]  # stepped whole
+    largest_whole = max(whole, default=0)
+    if any(streamed):
+        chunk = ds.optimizer_chunk
+        comps.append(Component("optimizer_pool", "streamed optimizer tier budget",
+                               sz.ma_stream_budget_bytes(chunk, ds.optimizer_budget), "locked",
+                               note=f"pieces of {chunk:,} B per tensor; budget + one gradient "
+                                    "piece"))
+        if largest_whole:
+            notes.append("sub-groups too small to swap are stepped whole in CPU memory")
+        if ds.pipeline_read or ds.pipeline_write:
+            notes.append("pipeline_read/pipeline_write do not apply to the streamed step")
+    elif ds.optimizer_on_nvme:
         if stock:
             opool = sz.ds_optimizer_pool_bytes(ds.optimizer_buffer_count, largest_group, 4, a32)
             note = f"{ds.optimizer_buffer_count} x {sz.ds_align(largest_group, a32):,} elements x 4 B"
@@ -338,9 +354,18 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
         comps.append(Component("optimizer_cpu", "fp32 master + Adam moments in CPU memory",
                                3 * n_part * 4, "resident", note="optimizer offload to CPU"))
 
+    kept = [n for n, s in zip(group_totals, grads_streamed) if not s]
     comps.append(Component("gradient_buffer", "flat gradient buffer",
-                           sz.ds_gradient_buffer_bytes(n_part, ge), "resident",
-                           note=f"every partition element x {ge} B ({ds.grad_accum_dtype})"))
+                           sz.ds_gradient_buffer_bytes(sum(kept), ge), "resident",
+                           note=f"every partition element x {ge} B ({ds.grad_accum_dtype})"
+                           if len(kept) == len(groups) else
+                           f"sub-groups not streamed only x {ge} B"))
+    if any(grads_streamed):
+        comps.append(Component("grad_pieces", "streamed gradients: a partition and open pieces",
+                               sz.ma_grad_pieces_bytes(max(parts), ge, ds.optimizer_chunk),
+                               "transient", "backward",
+                               note=f"largest partition x {ge} B + {sz.GRAD_PIECES_OPEN} "
+                                    "pieces"))
     comps.append(Component("ipg_bucket", "contiguous-gradients bucket (written part)",
                            sz.ds_ipg_bucket_bytes(n_part, ds.reduce_bucket_size, e,
                                                   ds.contiguous_gradients), "resident",
@@ -360,12 +385,18 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                                    ds.param_buffer_count * sz.round_up(largest_group * e),
                                    "transient", "init_fp32_partitions",
                                    note="buffer_count x largest sub-group, model dtype"))
-        comps.append(Component("init_gradient_buffer", "fp32 gradient buffer at initialize",
-                               largest_group * 4, "transient", "init",
-                               note="initialize_optimizer_states: largest sub-group x 4 B"))
-        comps.append(Component("adam_first_step", "Adam moments created by the first step",
-                               sz.ds_adam_first_step_bytes(largest_group), "transient", "step",
-                               note="2 x largest sub-group x 4 B"))
+        if largest_whole:
+            comps.append(Component("init_gradient_buffer", "fp32 gradient buffer at initialize",
+                                   largest_whole * 4, "transient", "init",
+                                   note="initialize_optimizer_states: largest sub-group "
+                                        "stepped whole x 4 B"))
+            comps.append(Component("adam_first_step", "Adam moments created by the first step",
+                                   sz.ds_adam_first_step_bytes(largest_whole), "transient",
+                                   "step", note="2 x largest sub-group stepped whole x 4 B"))
+        if any(streamed):
+            comps.append(Component("adam_first_step_piece", "new Adam state, one piece",
+                                   ds.optimizer_chunk, "transient", "step",
+                                   note="zero-filled piece on the first step"))
     if ds.model_dtype == "float16":
         # Before the sub-group loop of the step: its own moment, not added to the Adam moments.
         ovf = sz.ds_overflow_check_bytes(n_part, ge, True) if stock else \

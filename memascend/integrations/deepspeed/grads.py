@@ -28,8 +28,9 @@ import torch
 
 from ...errors import MemAscendError
 from ...overflow import has_inf_or_nan
+from ...sizing import GRAD_PIECES_OPEN
 
-MAX_OPEN = 4  # open gradient pieces (each optimizer_chunk bytes) while backward runs
+MAX_OPEN = GRAD_PIECES_OPEN  # open gradient pieces (optimizer_chunk bytes each) in backward
 
 
 class GradViews(dict):
@@ -81,6 +82,8 @@ class GradPieces:
         self._written: set[tuple[int, int]] = set()  # pieces written this micro-step
         self._window: Optional[tuple[int, int]] = None  # (steps, micro_step_id)
         self._writes: list[Any] = []  # handles of piece writes not yet checked
+        self._spare: list[Any] = []  # piece-sized leases free for reuse in this backward
+        self._temp: Any = None  # the partition temporary's lease
         self.steps = 0  # stage 3 steps begun (the _pre_step hook counts)
         self.overflow = False
         self.counts = {"pieces_written": 0, "partial_writes": 0, "base_reads": 0,
@@ -137,7 +140,7 @@ class GradPieces:
             old = next(iter(self._open))
             self._close(old)
         numel = self._piece_numel(int(stage3.fp16_partitioned_groups_flat_numel[group]), k)
-        lease = self.osw.rt.lease(numel * 4)
+        lease = self._spare.pop() if self._spare else self.osw.rt.lease(self.n * 4)
         t = lease.as_tensor(torch.float32, numel)
         key = self.key(group, k)
         if pk in self._written or (accumulate and key in self.osw.store):
@@ -169,11 +172,11 @@ class GradPieces:
             self.counts["pieces_written"] += 1
         finally:
             del p.t
-            self.osw.rt.free(p.lease)
+            self._spare.append(p.lease)  # reused by the next piece of this backward
 
     def _keep_stored(self, pk: tuple[int, int], p: _Piece) -> None:
         group, k = pk
-        old_lease = self.osw.rt.lease(p.t.numel() * 4)
+        old_lease = self._spare.pop() if self._spare else self.osw.rt.lease(self.n * 4)
         try:
             old = old_lease.as_tensor(torch.float32, p.t.numel())
             self._load(self.key(group, k), old)
@@ -184,7 +187,7 @@ class GradPieces:
                 p.t.narrow(0, lo - start, hi - lo).copy_(old.narrow(0, lo - start, hi - lo))
             del old
         finally:
-            self.osw.rt.free(old_lease)
+            self._spare.append(old_lease)
 
     def _pieces_of(self, s: _Span) -> range:
         return range(s.offset // self.n, (s.offset + s.numel - 1) // self.n + 1)
@@ -193,9 +196,29 @@ class GradPieces:
         """Write every open piece and wait for the writes (the end of a backward pass)."""
         while self._open:
             self._close(next(iter(self._open)))
+        self._free_scratch()
         handles, self._writes = self._writes, []
         for h in handles:
             h.wait(self.osw.sw.config.wait_timeout)  # a failed write raises here
+
+    def _free_scratch(self) -> None:
+        """Give the piece leases and the partition temporary back (end of a backward)."""
+        spare, self._spare = self._spare, []
+        if self._temp is not None:
+            spare.append(self._temp)
+            self._temp = None
+        for lease in spare:
+            self.osw.rt.free(lease)
+
+    def _temp_lease(self, nbytes: int) -> Any:
+        """The partition temporary, grown to ``nbytes`` when needed and kept for the rest
+        of the backward pass (one exact-size lease per size reached, not per partition)."""
+        if self._temp is not None and self._temp.size < nbytes:
+            self.osw.rt.free(self._temp)
+            self._temp = None
+        if self._temp is None:
+            self._temp = self.osw.rt.lease(nbytes)
+        return self._temp
 
     def _track(self, h: Any) -> None:
         """Keep a write's handle; completed ones are checked (and dropped) as we go."""
@@ -219,30 +242,28 @@ class GradPieces:
         self._enter(stage3)
         views = stage3._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
         accumulate = int(stage3.micro_step_id) != 0
+        fp16 = stage3.dtype == torch.float16  # stage 3 checks overflow only then
+        dtype = stage3.gradient_accumulation_dtype
+        esize = torch.empty(0, dtype=dtype).element_size()
         buffers = []
         for param, grad in zip(params, grad_partitions):
             s = self._spans.get(param.ds_id)
             if s is None:
                 buffers.extend(original(stage3, [param], [grad]) or [])
                 continue
-            dtype = stage3.gradient_accumulation_dtype
-            lease = self.osw.rt.lease(s.numel * torch.empty(0, dtype=dtype).element_size())
+            temp = self._temp_lease(s.numel * esize).as_tensor(dtype, s.numel)
+            if accumulate:
+                self._gather(stage3, s, temp)
+            views[param.ds_id] = temp
             try:
-                temp = lease.as_tensor(dtype, s.numel)
-                if accumulate:
-                    self._gather(stage3, s, temp)
-                views[param.ds_id] = temp
-                try:
-                    original(stage3, [param], [grad])
-                finally:
-                    del views[param.ds_id]
-                if not self.overflow and has_inf_or_nan(temp):
-                    self.overflow = True
-                self._scatter(stage3, s, temp, accumulate)
-                self.counts["partitions"] += 1
-                del temp
+                original(stage3, [param], [grad])
             finally:
-                self.osw.rt.free(lease)
+                del views[param.ds_id]
+            if fp16 and not self.overflow and has_inf_or_nan(temp):
+                self.overflow = True
+            self._scatter(stage3, s, temp, accumulate)
+            self.counts["partitions"] += 1
+            del temp
         return buffers
 
     def _gather(self, stage3: Any, s: _Span, temp: Any) -> None:

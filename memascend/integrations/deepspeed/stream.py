@@ -29,6 +29,7 @@ from deepspeed.runtime.swap_tensor.utils import MIN_AIO_BYTES
 from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
 from ...errors import MemAscendError
+from ...sizing import ma_stream_tier_budget
 from ...swapper import TensorSwapper
 from .optim import _StoreBacked
 
@@ -108,7 +109,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
         self.min_aio_bytes = max(MIN_AIO_BYTES, int(aio_config["block_size"]))
         opts = self.rt.options
         self.piece_numel = opts.optimizer_chunk // 4
-        budget = opts.optimizer_budget or 16 * opts.optimizer_chunk
+        budget = ma_stream_tier_budget(opts.optimizer_chunk, opts.optimizer_budget)
         self.sw = TensorSwapper(self.store, pool=self.rt.pool, budget_bytes=budget,
                                 plan_prefetch=False)
         self._numel: dict[str, int] = {}  # ds_id -> sub-group numel
