@@ -21,6 +21,7 @@ import errno as errno_mod
 import math
 import operator
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -211,6 +212,12 @@ class Lease:
     def memoryview(self) -> memoryview:
         """A writable memoryview of the whole lease (``size`` bytes)."""
         return self._live_buf()
+
+    def views_alive(self) -> bool:
+        """True if a torch tensor from :meth:`as_tensor` (or a slice of one) or the
+        memoryview of :meth:`memoryview` is still referenced: each holds the lease's buffer
+        object (CPython reference count). numpy arrays from :meth:`as_numpy` are not seen."""
+        return self._buf is not None and sys.getrefcount(self._buf) > 2
 
     def as_tensor(self, dtype: Any, shape: int | Sequence[int] | None = None,
                   offset: int = 0) -> Any:

@@ -13,10 +13,14 @@ what is allocated. Three families of rules:
   ``A = 1024 × intra_op_parallelism / element size`` and only tensors of at least
   ``max(1 MiB, aio.block_size)`` bytes are swapped.
 - **memascend as a DeepSpeed drop-in** (:func:`ds_param_budget_bytes`,
-  :func:`ds_optimizer_budget_bytes`): the same buffer *count* as DeepSpeed's config, each
-  buffer exact-size (rounded to 4096) for the largest real tensor instead of
-  ``buffer_size`` elements; no partitioned reserve; the chunked overflow check. What
-  DeepSpeed's stage 3 itself allocates (flat CPU buffer, gradient buffer) is unchanged.
+  :func:`ds_optimizer_budget_bytes`, ``ma_*``): the same buffer *count* as DeepSpeed's
+  config, each buffer exact-size (rounded to 4096) for the largest real tensor instead of
+  ``buffer_size`` elements; no partitioned reserve; the chunked overflow check. With the
+  streamed step (the ``"memascend"`` block's ``stream_optimizer``, default on) the optimizer
+  tier is one budget of pieces (:func:`ma_stream_budget_bytes`) instead of ``buffer_count``
+  sub-groups, and with ``stream_grads`` stage 3's flat gradient buffer is replaced by
+  gradient pieces (:func:`ma_grad_pieces_bytes` while backward runs). The block is validated
+  by the drop-in's own ``Options`` (the one import outside this module).
 - **memascend's plain path** (``offload_*``): two swappers whose pinned bytes never exceed
   their budgets (``budget`` default 1 GiB, ``optimizer_budget`` default ``budget``), leases
   rounded to 4096; the parameter tier holds each parameter in the compute dtype, the optimizer

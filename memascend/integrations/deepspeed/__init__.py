@@ -111,6 +111,9 @@ def _wrap_initialize(original: Any) -> Any:
             return original(*args, **kwargs)
         finally:
             state.set_options(base)
+            rt = current_runtime()
+            if rt is not None:
+                rt.trim()  # leases kept from initialisation are not training's working set
     return initialize
 
 
@@ -236,9 +239,10 @@ def enabled() -> bool:
 
 
 def stats() -> dict[str, Any]:
-    """Pinned pool, engine and store counters of the process's memascend runtime (empty
-    before DeepSpeed built a memascend swapper)."""
+    """Pinned pool, engine and lease-recycling counters of the process's memascend runtime
+    (empty before DeepSpeed built a memascend swapper)."""
     rt = current_runtime()
     if rt is None:
         return {}
-    return {"pool": rt.pool.stats().to_dict(), "engine": dataclasses.asdict(rt.engine.stats())}
+    return {"pool": rt.pool.stats().to_dict(), "engine": dataclasses.asdict(rt.engine.stats()),
+            "leases": rt.lease_stats()}

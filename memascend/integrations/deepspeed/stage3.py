@@ -26,6 +26,7 @@ import torch
 
 from ...errors import MemAscendError
 from .grads import GradPieces, setup_buffers
+from .runtime import current_runtime
 from .stream import (ParamWriter, StreamingOptimizerSwapper, combined_inv_scale, grad_reader,
                      parts_of)
 
@@ -184,6 +185,9 @@ def _pre_step(original: Any) -> Any:
         if grads is not None:
             grads.flush()
             grads.steps += 1
+        rt = current_runtime()
+        if rt is not None:
+            rt.trim()  # partitions kept for reuse in backward are not the step's working set
     return _pre_step
 
 
