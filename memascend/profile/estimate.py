@@ -374,13 +374,15 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
         comps.append(Component("fp32_gradient_copies", "fp32 gradient copies of one bucket",
                                sz.ds_fp32_gradient_copies_bytes(n_part, ds.reduce_bucket_size),
                                "resident", note="freed, but kept in glibc's heap"))
-        init32 = sz.ds_init_fp32_buffers_bytes(group_totals, in_cpu, ds.fast_init) \
+        # The streamed drop-in always builds the master piece by piece (fast_init's path).
+        init32 = sz.ds_init_fp32_buffers_bytes(group_totals, in_cpu,
+                                               ds.fast_init or any(streamed)) \
             if ds.params_on_nvme else 0
         if init32:
             comps.append(Component("init_fp32_buffers", "unpinned fp32 sub-group buffers at "
                                    "initialize", init32, "transient", "init_fp32_partitions",
                                    note="two of the largest NVMe-resident sub-groups x 4 B"))
-        if ds.fast_init and not stock and ds.params_on_nvme:
+        if ds.fast_init and not stock and ds.params_on_nvme and not any(streamed):
             comps.append(Component("fast_init_buffers", "fast_init staging leases",
                                    ds.param_buffer_count * sz.round_up(largest_group * e),
                                    "transient", "init_fp32_partitions",

@@ -215,9 +215,13 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
         """Buffers for DeepSpeed's fast optimizer initialisation (transient;
         :meth:`release_reserved_buffers` frees them): one per free slot, each as large as the
         optimizer's largest sub-group (what DeepSpeed requires of them) rather than
-        ``buffer_size`` elements when the optimizer swapper is known."""
+        ``buffer_size`` elements when the optimizer swapper is known. The streamed optimizer
+        swapper reads the partitions itself, one at a time, and ignores these buffers: it
+        gets one page each (DeepSpeed only checks that there are some)."""
         numel = self._io_aligned_numel(self.rt.optimizer_largest_numel or
                                        self.aligned_elements_per_buffer)
+        if self.rt.optimizer_streams:
+            numel = max(1, 4096 // self.swap_element_size)
         out = []
         for bid in self.available_buffer_ids:
             lease = self.rt.lease(numel * self.swap_element_size)

@@ -154,6 +154,7 @@ class Runtime:
         self._peak = 0  # most bytes in use at once since the last trim()
         self._mu = threading.Lock()
         self.optimizer_largest_numel: Optional[int] = None  # set by the optimizer swapper
+        self.optimizer_streams = False  # set by the streamed optimizer swapper
 
     def store(self, folder: str) -> SwapStore:
         """The swap area of ``folder`` (created on first use as ``folder/memascend.swp``)."""

@@ -136,7 +136,14 @@ def _setup_for_real_optimizer(original: Any) -> Any:
     @functools.wraps(original)
     def _setup_for_real_optimizer(self: Any) -> None:
         sw = getattr(self, "optimizer_swapper", None)
-        if not isinstance(sw, StreamingOptimizerSwapper) or not sw.rt.options.stream_grads:
+        if not isinstance(sw, StreamingOptimizerSwapper):
+            return original(self)
+        # Parameters on NVMe: build each fp32 master from the stored partitions piece by
+        # piece (DeepSpeed's fast_init path, served by the streamed swapper) instead of two
+        # whole fp32 sub-groups in memory at once. The master's values are the same.
+        if getattr(self, "params_in_nvme_and_cpu", False):
+            self.offload_optimizer_fast_init = True
+        if not sw.rt.options.stream_grads:
             return original(self)
         # DeepSpeed 0.19.8's body, but for the flat gradient buffer (grads.setup_buffers).
         from deepspeed import comm as dist

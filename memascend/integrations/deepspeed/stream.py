@@ -115,6 +115,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
         self._numel: dict[str, int] = {}  # ds_id -> sub-group numel
         self._steps: dict[str, int] = {}  # ds_id -> steps taken (cache of the step keys)
         self.grads: Any = None  # the GradPieces stage 3 writes gradients through, if any
+        self.rt.optimizer_streams = True  # fast init reads partitions itself (params.py)
 
     # ---- what stage 3 asks of every optimizer swapper ----
     def is_swappable_tensor(self, tensor: Any = None, numel: Optional[int] = None) -> bool:
