@@ -658,17 +658,26 @@ def ma_stream_tier_budget(chunk: int, budget: Optional[int] = None) -> int:
     return int(budget) if budget is not None else 16 * int(chunk)
 
 
-def ma_stream_budget_bytes(chunk: int, budget: Optional[int] = None) -> int:
+def ma_stream_budget_bytes(chunk: int, budget: Optional[int] = None,
+                           largest_subgroup_numel: Optional[int] = None) -> int:
     """Pinned bytes of the drop-in's streamed optimizer tier: its swapper budget
-    (:func:`ma_stream_tier_budget`) plus the step's one gradient-piece lease."""
-    return ma_stream_tier_budget(chunk, budget) + int(chunk)
+    (:func:`ma_stream_tier_budget`), or less when the largest sub-group's four fp32 tensors
+    (master, m, v, gradient) are smaller (leases are exact, so they are all it can hold),
+    plus the step's one gradient-piece lease."""
+    tier = ma_stream_tier_budget(chunk, budget)
+    if largest_subgroup_numel is not None:
+        tier = min(tier, 4 * round_up(int(largest_subgroup_numel) * 4))
+    return tier + min(int(chunk), round_up(int(largest_subgroup_numel or chunk) * 4))
 
 
-def ma_grad_pieces_bytes(largest_partition_numel: int, grad_bytes: int, chunk: int) -> int:
+def ma_grad_pieces_bytes(largest_partition_numel: int, grad_bytes: int, chunk: int,
+                         pieces: Optional[int] = None) -> int:
     """Backward transient of streamed gradients: the temporary of the partition being taken
-    (the largest, in the gradient dtype) and the open pieces (``GRAD_PIECES_OPEN`` × chunk);
-    the writes' staging is inside the optimizer tier's budget."""
-    return round_up(int(largest_partition_numel) * grad_bytes) + GRAD_PIECES_OPEN * int(chunk)
+    (the largest, in the gradient dtype), the open pieces and the pieces being written
+    (``GRAD_PIECES_OPEN`` × chunk each, a piece being written from its own lease; no more
+    than the ``pieces`` there are)."""
+    held = 2 * GRAD_PIECES_OPEN if pieces is None else min(2 * GRAD_PIECES_OPEN, int(pieces))
+    return round_up(int(largest_partition_numel) * grad_bytes) + held * int(chunk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -727,6 +727,31 @@ class TensorSwapper:
                 leases_reused=b.leases_reused, plan_learning=self.plan.learning,
                 plan_length=len(self.plan.order), plan_resyncs=self.plan.resyncs, **self._c)
 
+    def forget(self, key: str) -> None:
+        """Drop ``key``'s resident copy and queued prefetches, if any (e.g. before the key
+        is rewritten in the store by someone else). Waits for its read or write in flight.
+
+        Raises
+        ------
+        ValueError
+            ``key`` is swapped in (not released).
+        """
+        with self._cv:
+            if key in self._queue:
+                self._queue = deque(k for k in self._queue if k != key)
+            r = self._res.get(key)
+            if r is None:
+                return
+            if r.users:
+                raise ValueError(f"forget({key!r}): the key is still swapped in")
+            if not self._cv.wait_for(lambda: r.state != "loading" and not r.writing,
+                                     timeout=self.config.wait_timeout):
+                raise TimeoutError(f"forget({key!r}): its I/O is still in flight after "
+                                   f"{self.config.wait_timeout} s")
+            if self._res.get(key) is r and not r.users:
+                self._drop(r)
+            self._cv.notify_all()
+
     def drop_resident(self) -> None:
         """Forget every resident copy (e.g. after the store's contents were replaced).
 

@@ -313,3 +313,21 @@ def test_write_refused_on_full_disk_leaves_swapper_usable(small_ext4):
         sw.close()
         store.close()
         pool.close()
+
+
+def test_forget_drops_a_stale_resident_copy(store):
+    """A key rewritten in the store behind the swapper's back: after forget() the swapper
+    reads the new bytes instead of serving its resident (stale) copy."""
+    with TensorSwapper(store, budget_bytes=8 << 20) as sw:
+        sw.swap_out("k", torch.full((1024,), 1.0), release=False).wait()
+        assert float(sw.swap_in("k").wait()[0]) == 1.0
+        store.write("k", torch.full((1024,), 2.0)).wait()
+        with pytest.raises(ValueError, match="still swapped in"):
+            sw.forget("k")
+        sw.release("k")
+        assert float(sw.swap_in("k").wait()[0]) == 1.0  # still the resident copy
+        sw.release("k")
+        sw.forget("k")
+        sw.forget("never-seen")  # nothing resident: a no-op
+        assert float(sw.swap_in("k").wait()[0]) == 2.0
+        sw.release("k")

@@ -331,7 +331,10 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
     if any(streamed):
         chunk = ds.optimizer_chunk
         comps.append(Component("optimizer_pool", "streamed optimizer tier budget",
-                               sz.ma_stream_budget_bytes(chunk, ds.optimizer_budget), "locked",
+                               sz.ma_stream_budget_bytes(chunk, ds.optimizer_budget,
+                                                         max(n for n, s in
+                                                             zip(group_totals, streamed) if s)),
+                               "locked",
                                note=f"pieces of {chunk:,} B per tensor; budget + one gradient "
                                     "piece"))
         if largest_whole:
@@ -362,10 +365,13 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                            f"sub-groups not streamed only x {ge} B"))
     if any(grads_streamed):
         comps.append(Component("grad_pieces", "streamed gradients: a partition and open pieces",
-                               sz.ma_grad_pieces_bytes(max(parts), ge, ds.optimizer_chunk),
+                               sz.ma_grad_pieces_bytes(
+                                   max(parts), ge, ds.optimizer_chunk,
+                                   sum(-(-n * 4 // ds.optimizer_chunk) for n, s in
+                                       zip(group_totals, grads_streamed) if s)),
                                "transient", "backward",
-                               note=f"largest partition x {ge} B + {sz.GRAD_PIECES_OPEN} "
-                                    "pieces"))
+                               note=f"largest partition x {ge} B + "
+                                    f"{2 * sz.GRAD_PIECES_OPEN} pieces (open, in flight)"))
     comps.append(Component("ipg_bucket", "contiguous-gradients bucket (written part)",
                            sz.ds_ipg_bucket_bytes(n_part, ds.reduce_bucket_size, e,
                                                   ds.contiguous_gradients), "resident",

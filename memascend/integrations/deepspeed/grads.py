@@ -8,7 +8,8 @@ replaces that buffer with pieces of the sub-group's flat gradient, laid out like
 and Adam state (keys ``{ds_id}/g/{k}``, ``optimizer_chunk`` bytes each). A gradient that
 arrives is handed to stage 3's own ``partition_grads`` in a temporary the size of that one
 partition (so the norm, the accumulation and its dtype are DeepSpeed's), then copied into the
-pieces it covers; a piece is written behind as soon as every parameter in it has arrived.
+pieces it covers; a piece is written straight from its lease (no staging copy) as soon as
+every parameter in it has arrived, with at most ``MAX_INFLIGHT`` writes in flight.
 At most ``MAX_OPEN`` pieces are open at once: when more are needed the oldest is written
 while incomplete and read back when its next parameter comes (elements nobody wrote keep
 their stored value, as they keep their old value in stage 3's buffer). With gradient
@@ -31,6 +32,7 @@ from ...overflow import has_inf_or_nan
 from ...sizing import GRAD_PIECES_OPEN
 
 MAX_OPEN = GRAD_PIECES_OPEN  # open gradient pieces (optimizer_chunk bytes each) in backward
+MAX_INFLIGHT = GRAD_PIECES_OPEN  # pieces being written (straight from their leases)
 
 
 class GradViews(dict):
@@ -81,7 +83,8 @@ class GradPieces:
         self._open: "OrderedDict[tuple[int, int], _Piece]" = OrderedDict()
         self._written: set[tuple[int, int]] = set()  # pieces written this micro-step
         self._window: Optional[tuple[int, int]] = None  # (steps, micro_step_id)
-        self._writes: list[Any] = []  # handles of piece writes not yet checked
+        # key -> (handle, lease) of piece writes in flight
+        self._inflight: "OrderedDict[str, tuple[Any, Any]]" = OrderedDict()
         self._spare: list[Any] = []  # piece-sized leases free for reuse in this backward
         self._temp: Any = None  # the partition temporary's lease
         self.steps = 0  # stage 3 steps begun (the _pre_step hook counts)
@@ -151,12 +154,20 @@ class GradPieces:
         return p
 
     def _load(self, key: str, dst: Any) -> None:
-        sw = self.osw.sw
-        try:
-            dst.copy_(sw.swap_in(key).wait())
-        finally:
-            sw.release(key)
+        """Read the stored piece ``key`` into ``dst`` (after its own write, if in flight)."""
+        self._settle(key)
+        self.osw.store.read(key, dst).wait(self.osw.sw.config.wait_timeout)
         self.counts["base_reads"] += 1
+
+    def _settle(self, key: str) -> None:
+        """Wait for the write of ``key`` if one is in flight; its lease becomes spare."""
+        entry = self._inflight.pop(key, None)
+        if entry is not None:
+            h, lease = entry
+            try:
+                h.wait(self.osw.sw.config.wait_timeout)  # a failed write raises here
+            finally:
+                self._spare.append(lease)
 
     def _close(self, pk: tuple[int, int]) -> None:
         p = self._open.pop(pk)
@@ -168,11 +179,19 @@ class GradPieces:
             if not complete:
                 self.counts["partial_writes"] += 1
             self._written.add(pk)
-            self._track(self.osw.sw.swap_out(key, p.t))  # copied into the budget, written behind
-            self.counts["pieces_written"] += 1
-        finally:
+            self._settle(key)  # an earlier write of the same piece finishes first
+            self.osw.sw.forget(key)  # a copy the step read is stale from now on
+            numel = p.t.numel()
             del p.t
-            self._spare.append(p.lease)  # reused by the next piece of this backward
+            h = self.osw.store.write(key, p.lease, nbytes=numel * 4, dtype="float32",
+                                     shape=(numel,))
+        except BaseException:
+            self._spare.append(p.lease)
+            raise
+        self._inflight[key] = (h, p.lease)  # written straight from the piece, no copy
+        self.counts["pieces_written"] += 1
+        while len(self._inflight) > MAX_INFLIGHT:
+            self._settle(next(iter(self._inflight)))
 
     def _keep_stored(self, pk: tuple[int, int], p: _Piece) -> None:
         group, k = pk
@@ -194,12 +213,13 @@ class GradPieces:
 
     def flush(self) -> None:
         """Write every open piece and wait for the writes (the end of a backward pass)."""
-        while self._open:
-            self._close(next(iter(self._open)))
-        self._free_scratch()
-        handles, self._writes = self._writes, []
-        for h in handles:
-            h.wait(self.osw.sw.config.wait_timeout)  # a failed write raises here
+        try:
+            while self._open:
+                self._close(next(iter(self._open)))
+            while self._inflight:
+                self._settle(next(iter(self._inflight)))
+        finally:
+            self._free_scratch()
 
     def _free_scratch(self) -> None:
         """Give the piece leases and the partition temporary back (end of a backward)."""
@@ -219,18 +239,6 @@ class GradPieces:
         if self._temp is None:
             self._temp = self.osw.rt.lease(nbytes)
         return self._temp
-
-    def _track(self, h: Any) -> None:
-        """Keep a write's handle; completed ones are checked (and dropped) as we go."""
-        self._writes.append(h)
-        if len(self._writes) > 4 * MAX_OPEN:
-            left = []
-            for w in self._writes:
-                if w.done():
-                    w.wait(0)  # raises SwapIOError if the write failed
-                else:
-                    left.append(w)
-            self._writes = left
 
     # ---- stage 3's partition_grads, for streamed parameters ----
     def partition(self, stage3: Any, original: Callable, params: list[Any],

@@ -335,6 +335,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
             torch.mul(self.sw.swap_in(key).wait(), inv_scale, out=dst)
         finally:
             self.sw.release(key)
+        self.sw.forget(key)  # the next backward rewrites it; its buffer serves other pieces
 
     def write_params(self, ds_id: str, parts: list[_Part], lp_out: "ParamWriter") -> None:
         """Convert the stored fp32 master of ``ds_id`` into its compute-dtype parameters
