@@ -13,7 +13,7 @@ STAMP := $(VENV)/.memascend-installed
 NATIVE_SRC := $(wildcard native/*.c native/*.h) memascend/_native/build.py setup.py pyproject.toml
 SYS_PKGS := liburing-dev
 
-.PHONY: install sysdeps demo test test-python native-test asan bench clean
+.PHONY: install sysdeps demo test test-python native-test asan bench ds-ops clean
 
 install: sysdeps $(STAMP)
 
@@ -59,6 +59,20 @@ test-python: install
 	$(VPY) -m pytest -q
 
 test: install native-test asan test-python
+
+# Stock DeepSpeed as a benchmark competitor (bench/zero_infinity.py, estimate_accuracy.py,
+# io_throughput.py): libaio and DeepSpeed's async_io and cpu_adam ops, JIT-built once into
+# $(DS_EXT_DIR) (~10 min on 2 cores; a no-op when cached). The library never needs these.
+DS_EXT_DIR ?= $(HOME)/.cache/memascend-torch-ext
+ds-ops: install
+	@dpkg -s libaio-dev >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages: libaio-dev"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null; \
+	  else echo "note: run: sudo apt-get install -y libaio-dev" >&2; exit 1; fi; }
+	TORCH_EXTENSIONS_DIR=$(DS_EXT_DIR) $(VPY) -c "from deepspeed.ops.op_builder import \
+	  AsyncIOBuilder, CPUAdamBuilder; AsyncIOBuilder().load(verbose=False); \
+	  CPUAdamBuilder().load(verbose=False); print('DeepSpeed ops built in $(DS_EXT_DIR)')"
 
 # The benchmarks behind bench/RESULTS.md (I/O-heavy: several minutes; JSON under bench/out/).
 bench: install

@@ -62,6 +62,8 @@ def ds_config(spec: dict[str, Any]) -> dict[str, Any]:
            "steps_per_print": 10 ** 9, "zero_optimization": zero}
     if spec.get("optimizer", "cpu_adam") != "cpu_adam":
         cfg["zero_force_ds_cpu_optimizer"] = False  # a torch optimizer with offload
+    if spec.get("memascend_options"):
+        cfg["memascend"] = dict(spec["memascend_options"])  # read by the drop-in only
     return cfg
 
 

@@ -11,6 +11,8 @@ configuration and system: those sizes are set by the config, not by timing.
 """
 from __future__ import annotations
 
+import json
+
 import math
 import statistics
 from typing import Any
@@ -104,6 +106,9 @@ def print_report(meta: dict[str, Any], configs: list[dict[str, Any]], res: dict[
           f"vs memascend drop-in: {meta['dtype']}, {meta['optimizer']}, batch {meta['batch']} "
           f"x {meta['seq']} tokens, {meta['warmup']} warm-up + {meta['steps']} timed steps, "
           f"{meta['reps']} repetitions (pairs interleaved, order alternating)")
+    if meta.get("memascend_options"):
+        print(f"memascend options (the drop-in's \"memascend\" block): "
+              f"{json.dumps(meta['memascend_options'], sort_keys=True)}")
     hdr = (f"{'config':<22} {'system':<10} {'peak RSS':>9} {'peak Lck':>9} {'step s':>7} "
            f"{'read/step':>10} {'write/step':>10} {'pairs':>5}")
     print("MiB unless noted; medians over repetitions; ratio row = median of per-pair ratios")

@@ -52,13 +52,14 @@ exits 0 and says why (``skipped`` in the JSON).
 
 Usage: ``bench/zero_infinity.py [--json PATH] [--models 134m,523m] [--settings
 default,tuned] [--reps N] [--steps N] [--warmup N] [--seq N] [--optimizer cpu_adam|torch]
-[--dir DIR] [--timeout S]``.
+[--dir DIR] [--timeout S] [--memascend-options JSON]``.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes.util
 import importlib.util
+import json
 import math
 import os
 import shlex
@@ -153,13 +154,14 @@ def missing(ext_dir: str, optimizer: str) -> str | None:
     if importlib.util.find_spec("transformers") is None:
         return "transformers is not installed"
     if ctypes.util.find_library("aio") is None:
-        return "libaio is not installed (DeepSpeed's async_io op needs it)"
+        return "libaio is not installed (DeepSpeed's async_io op needs it; run `make ds-ops`)"
     ops = ["async_io"] + (["cpu_adam"] if optimizer == "cpu_adam" else [])
     for op in ops:
         path = os.path.join(ext_dir, op, f"{op}.so")
         if not os.path.isfile(path):
             return (f"DeepSpeed's {op} op is not built in {ext_dir} (set TORCH_EXTENSIONS_DIR "
-                    f"to where it is cached; a JIT build of async_io takes ~9 min on 2 cores)")
+                    f"to where it is cached, or run `make ds-ops`: a JIT build of async_io "
+                    f"takes ~9 min on 2 cores)")
     return None
 
 
@@ -210,7 +212,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dir", default="/var/tmp",
                    help="where the temporary swap folders go (default /var/tmp)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
+    p.add_argument("--memascend-options", metavar="JSON", default="{}",
+                   help='a "memascend" block for the memascend runs\' DeepSpeed config, e.g. '
+                        '\'{"checksum": "none"}\' to see what checksums cost (default: none, '
+                        'the drop-in\'s defaults)')
     args = p.parse_args(argv)
+    try:
+        args.memascend_options = json.loads(args.memascend_options)
+    except ValueError as exc:
+        p.error(f"--memascend-options: not JSON: {exc}")
+    if not isinstance(args.memascend_options, dict):
+        p.error("--memascend-options: must be a JSON object")
     args.models = [m for m in args.models.split(",") if m]
     args.settings = [s for s in args.settings.split(",") if s]
     bad = [m for m in args.models if m not in MODELS] or None
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "torch": "torch.optim.AdamW"}[args.optimizer],
             "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
             "reps": args.reps, "torch_extensions_dir": ext_dir,
+            "memascend_options": args.memascend_options,
             "common": {"stage3_max_reuse_distance": 0, "pin_memory": True,
                        "reduce_bucket_size": "hidden_size ** 2", "aio": "DeepSpeed defaults"},
             "tuned": {"buffer_size": "largest parameter numel", "max_in_cpu": 0,
@@ -301,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                             "settings": c["settings"], "batch": args.batch, "seq": args.seq,
                             "warmup": args.warmup, "steps": args.steps,
                             "optimizer": args.optimizer}
+                    if system == "memascend" and args.memascend_options:
+                        spec["memascend_options"] = args.memascend_options
                     log(f"{label}: running ({time.perf_counter() - t_all:.0f} s elapsed)")
                     r = run_child(spec, args.dir, ext_dir, args.timeout, log_dir)
                     r.update(config=c["key"], rep=rep, system=system, first=order[0] == system)

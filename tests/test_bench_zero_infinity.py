@@ -47,6 +47,11 @@ def test_bad_arguments_exit_2(tmp_path):
                          capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2
     assert "--models" in run.stderr
+    for bad in ("{x", "[1]"):
+        run = subprocess.run([sys.executable, str(SCRIPT), "--memascend-options", bad],
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert run.returncode == 2, bad
+        assert "--memascend-options" in run.stderr
 
 
 def test_tiny_run_json_shape(tmp_path):
@@ -59,7 +64,8 @@ def test_tiny_run_json_shape(tmp_path):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=EXT_DIR)
     run = subprocess.run([sys.executable, str(SCRIPT), "--models", "tiny", "--settings", "tuned",
                           "--reps", "1", "--steps", "1", "--warmup", "1", "--dir",
-                          str(swap_parent), "--json", str(out)],
+                          str(swap_parent), "--json", str(out),
+                          "--memascend-options", '{"checksum": "none"}'],
                          capture_output=True, text=True, env=env, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -67,6 +73,7 @@ def test_tiny_run_json_shape(tmp_path):
     for key in ("command", "date", "machine", "config", "configs", "runs", "by_config",
                 "summary"):
         assert key in doc, key
+    assert doc["config"]["memascend_options"] == {"checksum": "none"}
     s = doc["summary"]
     assert s["pairs"] == 1
     for key in ("peak_rss_ratio", "step_time_ratio", "peak_vmlck_ratio", "swap_bytes_ratio"):
