@@ -106,7 +106,9 @@ def _wrap_initialize(original: Any) -> Any:
             config = getattr(args_ns, "deepspeed_config", None)
         block = (_config_dict(config) or {}).get("memascend")
         base = _ORIGINALS["options"]
-        state.set_options(Options.merged(base, block))
+        merged = Options.merged(base, block)
+        merged.apply_heap()
+        state.set_options(merged)
         try:
             return original(*args, **kwargs)
         finally:
@@ -174,7 +176,10 @@ def enable(**options: Any) -> None:
     ----------
     **options:
         Fields of :class:`~.runtime.Options` (``backend``, ``lock``, ``param_budget``,
-        ``checksum``); a ``"memascend"`` block in the DeepSpeed config overrides them.
+        ``checksum``, ``heap_mmap_threshold``, ...); a ``"memascend"`` block in the DeepSpeed
+        config overrides them. Unless ``heap_mmap_threshold`` is 0, this also fixes glibc's
+        mmap threshold for the whole process (:mod:`memascend.heap`), so freed tensors
+        leave RSS instead of staying in the heap.
 
     Raises
     ------
@@ -208,6 +213,7 @@ def enable(**options: Any) -> None:
         hooks.install(stage3.DeepSpeedZeroOptimizer_Stage3, _STAGE3_ORIGINALS)
     _ORIGINALS["options"] = base
     state.set_options(base)
+    base.apply_heap()
 
 
 def disable() -> None:

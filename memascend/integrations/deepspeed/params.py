@@ -53,6 +53,7 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
         if self.aio_config["use_gds"]:
             raise ConfigError("aio.use_gds", "GPUDirect Storage is not supported by memascend")
         self.options = Options.merged(state.options(), ds_config._param_dict.get("memascend"))
+        self.options.apply_heap()
         dtype_name = str(self.dtype).split(".")[1]
         self.swap_folder = os.path.join(self.swap_config.nvme_path, "zero_stage_3",
                                         f"{dtype_name}params", f"rank{dist.get_rank()}")

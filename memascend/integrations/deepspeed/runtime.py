@@ -27,6 +27,7 @@ from typing import Any, Optional
 from ...config import parse_size
 from ...engine import SwapEngine
 from ...errors import ConfigError
+from ...heap import DEFAULT_MMAP_THRESHOLD, check_threshold, set_mmap_threshold
 from ...extents import round_up
 from ...pool import Lease, PinnedPool
 from ...store import SwapStore
@@ -67,6 +68,10 @@ class Options:
         Pinned bytes of the streamed optimizer tier (default 16 x ``optimizer_chunk``:
         master, m, v and gradient of the current piece and two read ahead, plus the
         write-behind; in backward, the staging of gradient piece writes).
+    heap_mmap_threshold:
+        Bytes from which glibc maps each heap allocation on its own, so a freed tensor's
+        memory goes back to the system instead of staying in the heap (default 1 MiB; 0
+        leaves the C heap alone). Process-wide and irreversible; see :mod:`memascend.heap`.
     """
 
     enabled: bool = True
@@ -78,8 +83,10 @@ class Options:
     stream_grads: bool = True
     optimizer_chunk: Any = 16 << 20
     optimizer_budget: Optional[Any] = None
+    heap_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
 
     def __post_init__(self) -> None:
+        check_threshold("memascend.heap_mmap_threshold", self.heap_mmap_threshold)
         if not isinstance(self.enabled, bool):
             raise ConfigError("memascend.enabled", f"must be true or false, got {self.enabled!r}")
         if self.lock not in (None, "auto", "required", "off"):
@@ -108,6 +115,12 @@ class Options:
         if self.param_budget is not None:
             object.__setattr__(self, "param_budget",
                                parse_size("memascend.param_budget", self.param_budget))
+
+    def apply_heap(self) -> None:
+        """Set the C heap's mmap threshold (``heap_mmap_threshold``) when memascend is
+        enabled; 0 changes nothing (a threshold set earlier in the process stays)."""
+        if self.enabled and self.heap_mmap_threshold:
+            set_mmap_threshold(self.heap_mmap_threshold)
 
     @classmethod
     def merged(cls, base: "Options", block: Any) -> "Options":
