@@ -444,7 +444,7 @@ class SwapStore:
             raise ValueError(f"nothing to store for {key!r}: {nbytes} bytes")
         dtype = dtype if dtype is not None else t_dtype
         shape_t = tuple(int(s) for s in shape) if shape is not None else t_shape
-        crc = crc32c(addr, nbytes) if self.config.checksum == "crc32c" else None
+        crc = None  # with checksums on, computed on the completion thread (_write_done)
         with self._mu:
             offset = self._allocate(key, nbytes)
             self._seq += 1
@@ -465,11 +465,17 @@ class SwapStore:
             self._end()
             raise
         out = SwapHandle(f"write of {key!r}")
-        inner.add_done_callback(lambda h: self._write_done(h, entry, out, keep))
+        inner.add_done_callback(lambda h: self._write_done(h, entry, out, keep, addr))
         return out
 
-    def _write_done(self, h: SwapHandle, entry: Entry, out: SwapHandle, keep: Any) -> None:
+    def _write_done(self, h: SwapHandle, entry: Entry, out: SwapHandle, keep: Any,
+                    addr: int) -> None:
         exc = h.exception(0)
+        if exc is None and self.config.checksum == "crc32c":
+            # The source may not change before the handle is done (write's contract), so its
+            # checksum now is that of the bytes written; computing it here keeps it off the
+            # caller's thread.
+            entry = dataclasses.replace(entry, crc=crc32c(addr, entry.nbytes))
         try:
             with self._mu:
                 if exc is not None:

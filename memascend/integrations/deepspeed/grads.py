@@ -56,6 +56,7 @@ class _Piece:
     lease: Any
     t: Any  # fp32 view of the lease, the piece's elements
     covered: set = field(default_factory=set)  # ds_ids written in this micro-step
+    loaded: bool = False  # filled from the store at open (else only its gaps were zeroed)
 
 
 @dataclass
@@ -146,12 +147,27 @@ class GradPieces:
         lease = self._spare.pop() if self._spare else self.osw.rt.lease(self.n * 4)
         t = lease.as_tensor(torch.float32, numel)
         key = self.key(group, k)
-        if pk in self._written or (accumulate and key in self.osw.store):
+        loaded = pk in self._written or (accumulate and key in self.osw.store)
+        if loaded:
             self._load(key, t)  # written this micro-step (maybe still in flight), or a sum
-        else:
-            t.zero_()
-        p = self._open[pk] = _Piece(lease, t)
+        else:  # the spans will overwrite the rest; a span that never comes is zeroed at close
+            self._zero_except(pk, t, self._need.get(pk, frozenset()))
+        p = self._open[pk] = _Piece(lease, t, loaded=loaded)
         return p
+
+    def _zero_except(self, pk: tuple[int, int], t: Any, ds_ids: Any) -> None:
+        """Zero the elements of piece ``pk`` (tensor ``t``) outside the spans of ``ds_ids``."""
+        start = pk[1] * self.n
+        end = start + t.numel()
+        spans = self._spans or {}
+        pos = start
+        for lo, hi in sorted((max(start, spans[d].offset), min(end, spans[d].offset +
+                                                              spans[d].numel)) for d in ds_ids):
+            if lo > pos:
+                t.narrow(0, pos - start, lo - pos).zero_()
+            pos = max(pos, hi)
+        if pos < end:
+            t.narrow(0, pos - start, end - pos).zero_()
 
     def _load(self, key: str, dst: Any) -> None:
         """Read the stored piece ``key`` into ``dst`` (after its own write, if in flight)."""
@@ -176,6 +192,8 @@ class GradPieces:
             key = self.key(*pk)
             if not complete and pk not in self._written and key in self.osw.store:
                 self._keep_stored(pk, p)  # elements nobody wrote keep their stored value
+            elif not complete and not p.loaded:  # nothing stored: the missing spans are zeros
+                self._zero_except(pk, p.t, p.covered)
             if not complete:
                 self.counts["partial_writes"] += 1
             self._written.add(pk)
