@@ -26,7 +26,6 @@ import torch
 
 from ...errors import MemAscendError
 from .grads import GradPieces, setup_buffers
-from .runtime import current_runtime
 from .stream import (ParamWriter, StreamingOptimizerSwapper, combined_inv_scale, grad_reader,
                      parts_of)
 
@@ -192,9 +191,9 @@ def _pre_step(original: Any) -> Any:
         if grads is not None:
             grads.flush()
             grads.steps += 1
-        rt = current_runtime()
-        if rt is not None:
-            rt.trim()  # partitions kept for reuse in backward are not the step's working set
+        # No trim here: kept leases stay within the in-use peak since initialisation (the
+        # runtime sheds them as the step's pieces need room), and trimming every step made
+        # each forward and backward map, populate and lock its partitions afresh.
     return _pre_step
 
 
