@@ -19,7 +19,6 @@ so the training state has the real model's size.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from .config import parse_size
 from .errors import ConfigError
+from .heap import set_mmap_threshold
 from .sysinfo import proc_status
 
 #: Demo model shapes (LLaMA architecture, byte vocabulary).
@@ -181,11 +181,7 @@ def fix_malloc_mmap_threshold(nbytes: int = 128 << 10) -> bool:
     runtime itself (about 120 MB less VmHWM for the 85 M-parameter demo model). Process-wide;
     False where it is not glibc.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return set_mmap_threshold(nbytes)
 
 
 def _swap_base(swap_dir: Optional[str]) -> str:

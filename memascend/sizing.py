@@ -201,9 +201,9 @@ class DeepSpeedConfig:
     aio_overlap_events, aio_use_gds:
         ``aio``: defaults 1,048,576, 8, 1, False, True, False. Other ``aio`` keys are ignored,
         as DeepSpeed ignores them (and noted).
-    stream_optimizer, stream_grads, optimizer_chunk, optimizer_budget:
+    stream_optimizer, stream_grads, optimizer_chunk, optimizer_budget, heap_mmap_threshold:
         The ``"memascend"`` block's settings for the drop-in (defaults True, True, 16 MiB,
-        None = 16 pieces); stock DeepSpeed ignores them.
+        None = 16 pieces, 1 MiB); stock DeepSpeed ignores them.
     notes:
         What parsing assumed (``"auto"`` values, ignored keys).
     """
@@ -235,6 +235,7 @@ class DeepSpeedConfig:
     stream_grads: bool = True
     optimizer_chunk: int = 16 << 20
     optimizer_budget: Optional[int] = None
+    heap_mmap_threshold: int = 1 << 20
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -374,7 +375,8 @@ def _memascend_block(block: Any) -> dict[str, Any]:
 
     o = Options.merged(Options(), block)
     return {"stream_optimizer": o.stream_optimizer, "stream_grads": o.stream_grads,
-            "optimizer_chunk": o.optimizer_chunk, "optimizer_budget": o.optimizer_budget}
+            "optimizer_chunk": o.optimizer_chunk, "optimizer_budget": o.optimizer_budget,
+            "heap_mmap_threshold": o.heap_mmap_threshold}
 
 
 # ---------------------------------------------------------------------------------------------

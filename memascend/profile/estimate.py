@@ -377,9 +377,15 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                                                   ds.contiguous_gradients), "resident",
                            note=f"min(reduce_bucket_size, model) x {e} B"))
     if swappable_opt:
-        comps.append(Component("fp32_gradient_copies", "fp32 gradient copies of one bucket",
-                               sz.ds_fp32_gradient_copies_bytes(n_part, ds.reduce_bucket_size),
-                               "resident", note="freed, but kept in glibc's heap"))
+        copies = sz.ds_fp32_gradient_copies_bytes(n_part, ds.reduce_bucket_size)
+        if stock or not ds.heap_mmap_threshold:
+            comps.append(Component("fp32_gradient_copies", "fp32 gradient copies of one "
+                                   "bucket", copies, "resident",
+                                   note="freed, but kept in glibc's heap"))
+        else:  # the drop-in fixes glibc's mmap threshold: freed copies leave RSS
+            comps.append(Component("fp32_gradient_copies", "fp32 gradient copies of one "
+                                   "bucket", copies, "transient", "backward",
+                                   note="returned on free (heap_mmap_threshold)"))
         # The streamed drop-in always builds the master piece by piece (fast_init's path).
         init32 = sz.ds_init_fp32_buffers_bytes(group_totals, in_cpu,
                                                ds.fast_init or any(streamed)) \
