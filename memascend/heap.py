@@ -6,7 +6,7 @@ unless it is at least ``M_MMAP_THRESHOLD`` bytes, and that threshold is *dynamic
 at 128 KiB and, each time a mapped chunk is freed, rises to that chunk's size (up to 32 MiB).
 After a few steps almost every tensor comes from the heap, and the heap rarely shrinks: a
 freed chunk below a live one stays resident. In the ZeRO-Infinity benchmark this retention
-was 1.1–1.6 GiB of RSS at 523M parameters (``malloc_trim`` handed that much back at each phase
+was 1.0–1.5 GiB of RSS at 523M parameters (``malloc_trim`` handed that much back at each phase
 boundary). Fixing the threshold turns the dynamic rule off: chunks of ``threshold`` bytes or
 more are mapped on allocation and unmapped on free, so RSS follows the live tensors. The
 price is a page fault per 4 KiB the first time a new chunk is touched.
