@@ -73,6 +73,21 @@ def test_drop_in_uses_exact_budgets_and_no_reserve():
         assert ma.component(name).nbytes == stock.component(name).nbytes
     assert ma.peak_bytes < stock.peak_bytes
     assert ma.ssd.capacity_peak == 2 * ma.ssd.capacity  # the store's sync_slack
+    # fp32 gradient copies: stock keeps a bucket's in glibc's heap; the drop-in makes one
+    # partition's at a time (streamed gradients) and returns it (fixed mmap threshold)
+    copies = stock.component("fp32_gradient_copies")
+    assert copies.kind == "resident"
+    assert copies.nbytes == sz.ds_fp32_gradient_copies_bytes(sum(_numels(model)),
+                                                             cfg.reduce_bucket_size)
+    copies = ma.component("fp32_gradient_copies")
+    assert (copies.kind, copies.phase, copies.nbytes) == ("transient", "backward", largest * 4)
+    kept = estimate_deepspeed(w, sz.parse_deepspeed_config(
+        {**ZERO_INF, "memascend": {"heap_mmap_threshold": 0, "stream_grads": False},
+         "zero_optimization": {"stage": 3, "sub_group_size": 10_000_000,
+                               "offload_param": {"device": "nvme", "max_in_cpu": 0,
+                                                 "buffer_size": 5_000_000},
+                               "offload_optimizer": {"device": "nvme"}}}), flavor="memascend")
+    assert kept.component("fp32_gradient_copies") == stock.component("fp32_gradient_copies")
     # streaming off: DeepSpeed-sized buffers, exact leases
     whole = estimate_deepspeed(w, sz.parse_deepspeed_config(
         {**ZERO_INF, "memascend": {"stream_optimizer": False},
