@@ -135,6 +135,9 @@ def main(path):
         osw = engine.optimizer.optimizer_swapper
         out["optim_stats"] = osw.stats() if hasattr(osw, "stats") else None
         out["stats"] = ma_ds.stats()
+    from memascend.heap import mmap_threshold
+
+    out["heap_mmap_threshold"] = mmap_threshold()
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f if ":" in line)
     out["vm_lck_kb"] = int(status["VmLck"].split()[0])

@@ -116,6 +116,8 @@ def test_streamed_step_in_small_pieces_is_bitwise(tmp_path):
               memascend={"optimizer_chunk": "64KiB"})[0]
     assert got["optimizer_swapper"] == "StreamingOptimizerSwapper"
     assert got["losses"] == ref["losses"]
+    assert got["heap_mmap_threshold"] == 1 << 20  # the default, applied at zero.Init
+    assert ref["heap_mmap_threshold"] is None  # stock DeepSpeed: glibc left alone
     assert got["optim_stats"]["pinned_peak"] <= 16 * (64 << 10)
     # gradients went through the swap area as pieces, not stage 3's flat buffer
     gp = got["optim_stats"]["grad_pieces"]
@@ -171,8 +173,10 @@ def test_unknown_key_in_config_block_is_an_error(tmp_path):
 
 def test_config_block_and_pin_memory_off(tmp_path):
     got = run(tmp_path, model="mlp", device="nvme", steps=2, pin=False,
-              memascend={"param_budget": "64MiB", "checksum": "none"})[0]
+              memascend={"param_budget": "64MiB", "checksum": "none",
+                         "heap_mmap_threshold": 0})[0]
     assert got["param_stats"]["budget_bytes"] == 64 << 20
+    assert got["heap_mmap_threshold"] is None  # the block's 0 was honoured: glibc untouched
     assert got["stats"]["pool"]["locked_peak"] == 0
     assert got["stats"]["pool"]["reserved_peak"] > 0
 

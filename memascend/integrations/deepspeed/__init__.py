@@ -177,7 +177,8 @@ def enable(**options: Any) -> None:
     **options:
         Fields of :class:`~.runtime.Options` (``backend``, ``lock``, ``param_budget``,
         ``checksum``, ``heap_mmap_threshold``, ...); a ``"memascend"`` block in the DeepSpeed
-        config overrides them. Unless ``heap_mmap_threshold`` is 0, this also fixes glibc's
+        config overrides them. Unless ``heap_mmap_threshold`` is 0 (here or in the block),
+        the first ``zero.Init`` or ``deepspeed.initialize`` after this also fixes glibc's
         mmap threshold for the whole process (:mod:`memascend.heap`), so freed tensors
         leave RSS instead of staying in the heap.
 
@@ -213,7 +214,6 @@ def enable(**options: Any) -> None:
         hooks.install(stage3.DeepSpeedZeroOptimizer_Stage3, _STAGE3_ORIGINALS)
     _ORIGINALS["options"] = base
     state.set_options(base)
-    base.apply_heap()
 
 
 def disable() -> None:
