@@ -12,7 +12,6 @@ configuration and system: those sizes are set by the config, not by timing.
 from __future__ import annotations
 
 import json
-
 import math
 import statistics
 from typing import Any

@@ -106,15 +106,5 @@ def mmap_threshold() -> Optional[int]:
     return _applied
 
 
-def trim() -> bool:
-    """Give free heap memory back to the system now (glibc's ``malloc_trim(0)``). Returns
-    whether glibc released anything; False where there is no ``malloc_trim``."""
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "malloc_trim"):
-        return False
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    return bool(libc.malloc_trim(0))
-
-
-__all__ = ["set_mmap_threshold", "mmap_threshold", "trim", "check_threshold",
+__all__ = ["set_mmap_threshold", "mmap_threshold", "check_threshold",
            "DEFAULT_MMAP_THRESHOLD", "MAX_MMAP_THRESHOLD"]

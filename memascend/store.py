@@ -444,12 +444,12 @@ class SwapStore:
             raise ValueError(f"nothing to store for {key!r}: {nbytes} bytes")
         dtype = dtype if dtype is not None else t_dtype
         shape_t = tuple(int(s) for s in shape) if shape is not None else t_shape
-        crc = None  # with checksums on, computed on the completion thread (_write_done)
         with self._mu:
             offset = self._allocate(key, nbytes)
             self._seq += 1
             seq = self._seq
-        entry = Entry(key, offset, nbytes, dtype, shape_t, crc, seq)
+        # crc: with checksums on, computed on the completion thread (_write_done)
+        entry = Entry(key, offset, nbytes, dtype, shape_t, None, seq)
         rounded = round_up(nbytes)
         aligned = addr % ALIGN == 0
         self._begin()

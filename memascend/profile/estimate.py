@@ -377,20 +377,19 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                                                   ds.contiguous_gradients), "resident",
                            note=f"min(reduce_bucket_size, model) x {e} B"))
     if swappable_opt:
-        copies = sz.ds_fp32_gradient_copies_bytes(n_part, ds.reduce_bucket_size)
-        if not stock and any(grads_streamed):
-            # Streamed gradients run stage 3's partition_grads one partition at a time, so
-            # its fp32 copies list holds one partition's copy, freed when that call ends.
-            copies = min(copies, sz.ds_fp32_gradient_copies_bytes(max(parts), max(parts)))
+        # Streamed gradients run stage 3's partition_grads one partition at a time, so its
+        # fp32 copies list holds one partition's copy, freed when that call ends.
+        per_partition = not stock and any(grads_streamed)
+        copies = sz.ds_fp32_gradient_copies_bytes(
+            n_part, min(ds.reduce_bucket_size, max(parts)) if per_partition
+            else ds.reduce_bucket_size)
+        label = f"fp32 gradient copies of one {'partition' if per_partition else 'bucket'}"
         if stock or not ds.heap_mmap_threshold:
-            comps.append(Component("fp32_gradient_copies", "fp32 gradient copies of one "
-                                   "bucket", copies, "resident",
+            comps.append(Component("fp32_gradient_copies", label, copies, "resident",
                                    note="freed, but kept in glibc's heap"))
         else:  # the drop-in fixes glibc's mmap threshold: freed copies leave RSS
-            one = "of one partition" if any(grads_streamed) else "of one bucket"
-            comps.append(Component("fp32_gradient_copies", f"fp32 gradient copies {one}",
-                                   copies, "transient", "backward",
-                                   note="returned on free (heap_mmap_threshold)"))
+            comps.append(Component("fp32_gradient_copies", label, copies, "transient",
+                                   "backward", note="returned on free (heap_mmap_threshold)"))
         # The streamed drop-in always builds the master piece by piece (fast_init's path).
         init32 = sz.ds_init_fp32_buffers_bytes(group_totals, in_cpu,
                                                ds.fast_init or any(streamed)) \

@@ -157,17 +157,8 @@ class GradPieces:
 
     def _zero_except(self, pk: tuple[int, int], t: Any, ds_ids: Any) -> None:
         """Zero the elements of piece ``pk`` (tensor ``t``) outside the spans of ``ds_ids``."""
-        start = pk[1] * self.n
-        end = start + t.numel()
         spans = self._spans or {}
-        pos = start
-        for lo, hi in sorted((max(start, spans[d].offset), min(end, spans[d].offset +
-                                                              spans[d].numel)) for d in ds_ids):
-            if lo > pos:
-                t.narrow(0, pos - start, lo - pos).zero_()
-            pos = max(pos, hi)
-        if pos < end:
-            t.narrow(0, pos - start, end - pos).zero_()
+        zero_outside(t, pk[1] * self.n, [(spans[d].offset, spans[d].numel) for d in ds_ids])
 
     def _load(self, key: str, dst: Any) -> None:
         """Read the stored piece ``key`` into ``dst`` (after its own write, if in flight)."""
@@ -317,6 +308,21 @@ class GradPieces:
         return dict(self.counts)
 
 
+def zero_outside(dst: Any, start: int, ranges: Any) -> None:
+    """Zero the elements of ``dst`` (a sub-group's flat elements from ``start`` on) that lie
+    outside every ``(offset, numel)`` range; ranges may overlap or miss ``dst``."""
+    end = start + dst.numel()
+    pos = start
+    for lo, hi in sorted((max(start, o), min(end, o + n)) for o, n in ranges):
+        if lo >= hi:
+            continue
+        if lo > pos:
+            dst.narrow(0, pos - start, lo - pos).zero_()
+        pos = max(pos, hi)
+    if pos < end:
+        dst.narrow(0, pos - start, end - pos).zero_()
+
+
 def setup_buffers(stage3: Any, grads: GradPieces) -> None:
     """The end of stage 3's ``_setup_for_real_optimizer`` (DeepSpeed 0.19.8) with the flat
     gradient buffer holding only the parameters of sub-groups that are not streamed."""
@@ -343,4 +349,4 @@ def setup_buffers(stage3: Any, grads: GradPieces) -> None:
     stage3._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition = views
 
 
-__all__ = ["GradPieces", "GradViews", "setup_buffers", "MAX_OPEN"]
+__all__ = ["GradPieces", "GradViews", "setup_buffers", "zero_outside", "MAX_OPEN"]

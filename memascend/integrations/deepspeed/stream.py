@@ -31,6 +31,7 @@ from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 from ...errors import MemAscendError
 from ...sizing import ma_stream_tier_budget
 from ...swapper import TensorSwapper
+from .grads import zero_outside
 from .optim import _StoreBacked
 
 _STEP_NUMEL = 512  # the step key: one 4 KiB int64 tensor, element 0 is the count
@@ -474,20 +475,9 @@ def grad_reader(stage3: Any, sub_group_id: int) -> Callable[[int, Any], None]:
             if lo < hi:
                 dst.narrow(0, lo - start, hi - lo).copy_(view.narrow(0, lo - offset, hi - lo))
                 covered += hi - lo
-        if covered != dst.numel():
-            _zero_gaps(dst, start, spans)
+        if covered != dst.numel():  # alignment padding: no gradient span covers it
+            zero_outside(dst, start, [(offset, numel) for offset, numel, _ in spans])
     return fill
-
-
-def _zero_gaps(dst: Any, start: int, spans: list[tuple[int, int, Any]]) -> None:
-    """Zero the elements of ``dst`` that no gradient span covers (alignment padding)."""
-    mask = torch.ones(dst.numel(), dtype=torch.bool)
-    end = start + dst.numel()
-    for offset, numel, _ in spans:
-        lo, hi = max(start, offset), min(end, offset + numel)
-        if lo < hi:
-            mask[lo - start:hi - start] = False
-    dst[mask] = 0
 
 
 def combined_inv_scale(stage3: Any, total_norm: Any) -> Any:
