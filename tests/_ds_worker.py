@@ -70,6 +70,8 @@ def ds_config(spec):
                                  "offload_param": off_param, "offload_optimizer": off_opt,
                                  "sub_group_size": 1_000_000},
            "aio": {"block_size": 1 << 20, "queue_depth": 8}}
+    if spec.get("clip"):
+        cfg["gradient_clipping"] = spec["clip"]
     if spec.get("fp16"):
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000}
     if "memascend" in spec:

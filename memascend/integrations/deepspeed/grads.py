@@ -6,10 +6,13 @@ accumulation dtype, pinned), copies each reduced gradient into it during backwar
 it at the step. For the sub-groups the streamed optimizer steps, :class:`GradPieces`
 replaces that buffer with pieces of the sub-group's flat gradient, laid out like its master
 and Adam state (keys ``{ds_id}/g/{k}``, ``optimizer_chunk`` bytes each). A gradient that
-arrives is handed to stage 3's own ``partition_grads`` in a temporary the size of that one
-partition (so the norm, the accumulation and its dtype are DeepSpeed's), then copied into the
-pieces it covers; a piece is written straight from its lease (no staging copy) as soon as
-every parameter in it has arrived, with at most ``MAX_INFLIGHT`` writes in flight.
+arrives is handed to stage 3's own ``partition_grads`` (so the norm, the accumulation and its
+dtype are DeepSpeed's): a float32 partition that lies inside one piece is written straight
+into it; any other goes to a temporary the size of that one partition and is then copied into
+the pieces it covers. The norm stage 3 takes of each partition is computed in one float64
+scratch kept for the backward pass, not a fresh copy per partition
+(:meth:`GradPieces.norm2`). A piece is written straight from its lease (no staging copy) as
+soon as every parameter in it has arrived, with at most ``MAX_INFLIGHT`` writes in flight.
 At most ``MAX_OPEN`` pieces are open at once: when more are needed the oldest is written
 while incomplete and read back when its next parameter comes (elements nobody wrote keep
 their stored value, as they keep their old value in stage 3's buffer). With gradient
@@ -88,10 +91,11 @@ class GradPieces:
         self._inflight: "OrderedDict[str, tuple[Any, Any]]" = OrderedDict()
         self._spare: list[Any] = []  # piece-sized leases free for reuse in this backward
         self._temp: Any = None  # the partition temporary's lease
+        self._norm_buf: Any = None  # the gradient norm's float64 scratch (a tensor)
         self.steps = 0  # stage 3 steps begun (the _pre_step hook counts)
         self.overflow = False
         self.counts = {"pieces_written": 0, "partial_writes": 0, "base_reads": 0,
-                       "partitions": 0}
+                       "partitions": 0, "partitions_in_piece": 0, "norm_scratch_bytes": 0}
 
     # ---- layout ----
     def _layout(self, stage3: Any) -> None:
@@ -231,7 +235,10 @@ class GradPieces:
             self._free_scratch()
 
     def _free_scratch(self) -> None:
-        """Give the piece leases and the partition temporary back (end of a backward)."""
+        """Give the piece leases, the partition temporary and the norm scratch back (end of
+        a backward)."""
+        self._norm_buf = None
+        self.counts["norm_scratch_bytes"] = 0
         spare, self._spare = self._spare, []
         if self._temp is not None:
             spare.append(self._temp)
@@ -248,6 +255,33 @@ class GradPieces:
         if self._temp is None:
             self._temp = self.osw.rt.lease(nbytes)
         return self._temp
+
+    def norm2(self, x: Any, buffer_size: int, dtype: Any) -> Any:
+        """Stage 3's ``_constant_buffered_norm2`` (the 2-norm of ``x`` in ``dtype``, summed
+        over ``buffer_size`` parts), with each part converted into one scratch tensor kept for
+        the backward pass instead of a fresh ``dtype`` copy per partition: with glibc's mmap
+        threshold fixed (:mod:`memascend.heap`) every fresh copy is mapped and faulted in.
+        The norm kernel runs on the same values in the same dtype, so the result has the same
+        bits. Parts over ``self.n`` elements (a piece) take a fresh copy, as in stage 3."""
+        norm = None
+        for part in x.view(-1).split(buffer_size):
+            if part.dtype == dtype or part.numel() > self.n:
+                conv = part.data.to(dtype)
+            else:
+                if self._norm_buf is None or self._norm_buf.dtype != dtype or \
+                        self._norm_buf.numel() < part.numel():
+                    self._norm_buf = None  # the old scratch goes before the new one comes
+                    self._norm_buf = torch.empty(part.numel(), dtype=dtype)
+                    self.counts["norm_scratch_bytes"] = \
+                        self._norm_buf.numel() * self._norm_buf.element_size()
+                conv = self._norm_buf.narrow(0, 0, part.numel())
+                conv.copy_(part.data)
+            sq = conv.norm(2) ** 2.0
+            if norm is None:
+                norm = sq
+            else:
+                norm += sq
+        return norm ** 0.5
 
     # ---- stage 3's partition_grads, for streamed parameters ----
     def partition(self, stage3: Any, original: Callable, params: list[Any],
@@ -268,6 +302,9 @@ class GradPieces:
             if s is None:
                 buffers.extend(original(stage3, [param], [grad]) or [])
                 continue
+            if dtype == torch.float32 and len(self._pieces_of(s)) == 1:
+                self._partition_in_piece(stage3, original, param, grad, s, accumulate, fp16)
+                continue
             temp = self._temp_lease(s.numel * esize).as_tensor(dtype, s.numel)
             if accumulate:
                 self._gather(stage3, s, temp)
@@ -282,6 +319,29 @@ class GradPieces:
             self.counts["partitions"] += 1
             del temp
         return buffers
+
+    def _partition_in_piece(self, stage3: Any, original: Callable, param: Any, grad: Any,
+                            s: _Span, accumulate: bool, fp16: bool) -> None:
+        """A float32 partition inside one piece: stage 3 writes (or adds) it straight into
+        the piece, with no temporary and no second copy."""
+        k = s.offset // self.n
+        pk = (s.group, k)
+        p = self._open_piece(stage3, s.group, k, accumulate)
+        dst = p.t.narrow(0, s.offset - k * self.n, s.numel)
+        views = stage3._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+        views[param.ds_id] = dst
+        try:
+            original(stage3, [param], [grad])
+        finally:
+            del views[param.ds_id]
+        if fp16 and not self.overflow and has_inf_or_nan(dst):
+            self.overflow = True
+        del dst
+        p.covered.add(s.ds_id)
+        self.counts["partitions"] += 1
+        self.counts["partitions_in_piece"] += 1
+        if p.covered >= self._need[pk]:
+            self._close(pk)
 
     def _gather(self, stage3: Any, s: _Span, temp: Any) -> None:
         for k in self._pieces_of(s):
@@ -304,7 +364,8 @@ class GradPieces:
         return max(a, s.offset), min(a + p.t.numel(), s.offset + s.numel), a
 
     def stats(self) -> dict[str, int]:
-        """Counters: partitions taken, pieces written (of them incomplete), base reads."""
+        """Counters: partitions taken (of them written straight into a piece), pieces
+        written (of them incomplete), base reads, and the norm scratch's current bytes."""
         return dict(self.counts)
 
 

@@ -14,7 +14,8 @@ master into the parameters. With ``stream_grads`` (:mod:`.grads`), ``_setup_for_
 gives stage 3 a flat gradient buffer for the other sub-groups only, ``partition_grads`` sends
 streamed partitions to the gradient pieces, the backward epilogue and ``_pre_step`` write the
 open pieces, and ``finalize_gradient_accumulation_boundary`` (client-managed accumulation,
-which reads every partition) is refused with a clear error. Every other case calls DeepSpeed's
+which reads every partition) is refused with a clear error, and ``_constant_buffered_norm2``
+(each partition's gradient norm) converts into a reused scratch (same bits). Every other case calls DeepSpeed's
 own method.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ HOOKED = ("initialize_optimizer_states", "_prepare_sub_group", "unscale_and_clip
           "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters",
           "_release_sub_group", "_setup_for_real_optimizer", "partition_grads",
           "independent_gradient_partition_epilogue", "_pre_step",
-          "finalize_gradient_accumulation_boundary")
+          "finalize_gradient_accumulation_boundary", "_constant_buffered_norm2")
 
 
 def _streamed(self: Any, sub_group_id: int) -> bool:
@@ -208,6 +209,18 @@ def _finalize_boundary(original: Any) -> Any:
     return finalize_gradient_accumulation_boundary
 
 
+def _norm2(original: Any) -> Any:
+    @functools.wraps(original)
+    def _constant_buffered_norm2(self: Any, input: Any, buffer_size: int = 250000000) -> Any:
+        grads = getattr(self, "_ma_grads", None)
+        if grads is None:
+            return original(self, input, buffer_size)
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        return grads.norm2(input, buffer_size, get_norm_dtype())  # same bits, no fresh copy
+    return _constant_buffered_norm2
+
+
 WRAPPERS = {"initialize_optimizer_states": _initialize_optimizer_states,
             "_prepare_sub_group": _prepare_sub_group,
             "unscale_and_clip_grads": _unscale_and_clip_grads,
@@ -218,7 +231,8 @@ WRAPPERS = {"initialize_optimizer_states": _initialize_optimizer_states,
             "partition_grads": _partition_grads,
             "independent_gradient_partition_epilogue": _epilogue,
             "_pre_step": _pre_step,
-            "finalize_gradient_accumulation_boundary": _finalize_boundary}
+            "finalize_gradient_accumulation_boundary": _finalize_boundary,
+            "_constant_buffered_norm2": _norm2}
 
 
 def install(cls: Any, originals: dict[str, Any]) -> None:
