@@ -163,6 +163,7 @@ class Runtime:
         self._leases: dict[int, Lease] = {}  # address -> lease, for is_pinned and frees
         self._spare: dict[int, list[Lease]] = {}  # nbytes -> freed leases kept for reuse
         self._spare_bytes = 0
+        self._viewed: list[Lease] = []  # freed while still viewed: kept once the views go
         self._in_use = 0  # bytes of leases handed out and not freed
         self._peak = 0  # most bytes in use at once since the last trim()
         self._mu = threading.Lock()
@@ -203,16 +204,42 @@ class Runtime:
     # partition read, staged or accumulated would otherwise pay it. A freed lease whose views
     # are all gone is kept for the next lease of exactly its size, as long as the leases in
     # use plus those kept stay within the most that was in use at once since the last
-    # trim(): recycling never raises the pinned peak. The step calls trim() first.
+    # trim(): recycling never raises the pinned peak. A lease freed while a tensor still
+    # views it (DeepSpeed drops its last view of a parameter partition only after the swapper
+    # has been told to release it) is never handed out while viewed; it waits in a list, its
+    # memory held by the views as it would be anyway, and is kept or released at a later
+    # lease once they are gone. Without that list most partitions were leased afresh.
+    MAX_VIEWED = 256  # leases waiting for their views to go; older ones are released
+
+    def _settle_viewed(self) -> list[Lease]:
+        """Keep (or, past the peak, return for release) the freed leases whose views are
+        gone (caller holds the lock)."""
+        out, still = [], []
+        for lease in self._viewed:
+            if lease.views_alive():
+                still.append(lease)
+            elif self._in_use + self._spare_bytes + lease.size <= self._peak:
+                self._spare.setdefault(lease.nbytes, []).append(lease)
+                self._spare_bytes += lease.size
+            else:
+                out.append(lease)
+        while len(still) > self.MAX_VIEWED:
+            out.append(still.pop(0))
+        self._viewed = still
+        return out
+
     def lease(self, nbytes: int) -> Lease:
         """An exact-size pinned lease (a recycled one of exactly ``nbytes`` when kept),
         registered so that :meth:`is_pinned` knows it."""
         n = max(int(nbytes), 1)
         with self._mu:
+            settled = self._settle_viewed() if self._viewed else []
             kept = self._spare.get(n)
             lease = kept.pop() if kept else None
             if lease is not None:
                 self._spare_bytes -= lease.size
+        for old in settled:
+            old.release()
         if lease is None:
             lease = self.pool.lease(n)
         shed = []
@@ -233,34 +260,40 @@ class Runtime:
 
     def free(self, lease: Lease) -> None:
         """Give a lease back: kept for reuse (see above) when no view of it is alive and
-        it fits under the peak, else released (its memory returns once the last view is
-        gone)."""
+        it fits under the peak; while viewed, set aside until its views are gone (then kept
+        or released at a later :meth:`lease`); else released."""
         with self._mu:
             if self._leases.pop(lease.address, None) is not None:
                 self._in_use -= lease.size
-            keep = not lease.released and not lease.views_alive() and \
+            viewed = not lease.released and lease.views_alive()
+            keep = not lease.released and not viewed and \
                 self._in_use + self._spare_bytes + lease.size <= self._peak
             if keep:
                 self._spare.setdefault(lease.nbytes, []).append(lease)
                 self._spare_bytes += lease.size
-        if not keep:
+            elif viewed:
+                self._viewed.append(lease)  # kept or released once its views are gone
+        if not keep and not viewed:
             lease.release()
 
     def trim(self) -> None:
         """Release every kept lease and restart the peak from what is in use now."""
         with self._mu:
-            spare = [lease for kept in self._spare.values() for lease in kept]
+            spare = [lease for kept in self._spare.values() for lease in kept] + self._viewed
             self._spare.clear()
+            self._viewed = []
             self._spare_bytes = 0
             self._peak = self._in_use
         for lease in spare:
             lease.release()
 
     def lease_stats(self) -> dict[str, int]:
-        """Bytes of leases in use, kept for reuse, and the peak in use since the last trim."""
+        """Bytes of leases in use, kept for reuse, the peak in use since the last trim, and
+        freed leases still viewed by a tensor (their memory returns with the views)."""
         with self._mu:
             return {"in_use_bytes": self._in_use, "kept_bytes": self._spare_bytes,
-                    "peak_bytes": self._peak}
+                    "peak_bytes": self._peak,
+                    "viewed_bytes": sum(lease.size for lease in self._viewed)}
 
     def lease_of(self, tensor: Any) -> Optional[Lease]:
         """The lease whose memory holds all of ``tensor``, if any."""
@@ -279,8 +312,10 @@ class Runtime:
             self._stores.clear()
             leases = list(self._leases.values())
             leases += [lease for kept in self._spare.values() for lease in kept]
+            leases += self._viewed
             self._leases.clear()
             self._spare.clear()
+            self._viewed = []
         for st in stores:
             st.close()
         for lease in leases:
