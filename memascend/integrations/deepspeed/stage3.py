@@ -15,7 +15,10 @@ gives stage 3 a flat gradient buffer for the other sub-groups only, ``partition_
 streamed partitions to the gradient pieces, the backward epilogue and ``_pre_step`` write the
 open pieces, and ``finalize_gradient_accumulation_boundary`` (client-managed accumulation,
 which reads every partition) is refused with a clear error, and ``_constant_buffered_norm2``
-(each partition's gradient norm) converts into a reused scratch (same bits). Every other case calls DeepSpeed's
+(each partition's gradient norm) converts into a reused scratch (same bits). With one rank in
+the partition group, ``__avg_scatter_grads`` hands each bucketed gradient on as its own
+partition instead of copying the bucket into a fresh buffer and reduce-scattering it over
+that one rank (same values; DeepSpeed's scalings and dtype changes are kept). Every other case calls DeepSpeed's
 own method.
 """
 from __future__ import annotations
@@ -34,7 +37,8 @@ HOOKED = ("initialize_optimizer_states", "_prepare_sub_group", "unscale_and_clip
           "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters",
           "_release_sub_group", "_setup_for_real_optimizer", "partition_grads",
           "independent_gradient_partition_epilogue", "_pre_step",
-          "finalize_gradient_accumulation_boundary", "_constant_buffered_norm2")
+          "finalize_gradient_accumulation_boundary", "_constant_buffered_norm2",
+          "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads")
 
 
 def _streamed(self: Any, sub_group_id: int) -> bool:
@@ -221,6 +225,38 @@ def _norm2(original: Any) -> Any:
     return _constant_buffered_norm2
 
 
+def _avg_scatter(original: Any) -> Any:
+    @functools.wraps(original)
+    def __avg_scatter_grads(self: Any, params_to_reduce: Any, communication_data_type: Any) -> Any:
+        from deepspeed import comm as dist
+
+        if getattr(self, "_ma_grads", None) is None or \
+                dist.get_world_size(group=self._get_param_partition_group(
+                    params_to_reduce[0])) != 1:
+            return original(self, params_to_reduce, communication_data_type)
+        # One rank in the partition group: DeepSpeed 0.19.8's reduce-scatter copies the bucket
+        # into a fresh flat buffer, divides it by 1 and reduce-scatters it over that one rank,
+        # which gives back the same values. Each gradient itself (a view of the bucket) is
+        # its partition; the scalings and dtype changes around it are DeepSpeed's.
+        self._assert_same_partition_group(params_to_reduce)
+        grads = [p.grad for p in params_to_reduce]
+        if communication_data_type != self.dtype:
+            grads = [g.to(communication_data_type) for g in grads]
+        if self.postscale_gradients and self.gradient_predivide_factor != 1.0:
+            grads = [g.div(self.gradient_predivide_factor) for g in grads]
+        parts = [g.reshape(-1) for g in grads]
+        if self.postscale_gradients and self.gradient_predivide_factor != 1.0 and \
+                self.gradient_predivide_factor != 1:
+            parts = [g.mul(self.gradient_predivide_factor) for g in parts]
+        averaging = self._gradient_averaging_world_size(params_to_reduce, 1)
+        if averaging != 1:
+            parts = [g.mul(1 / float(averaging)) for g in parts]
+        if communication_data_type != self.gradient_accumulation_dtype:
+            parts = [g.to(self.gradient_accumulation_dtype) for g in parts]
+        return parts
+    return __avg_scatter_grads
+
+
 WRAPPERS = {"initialize_optimizer_states": _initialize_optimizer_states,
             "_prepare_sub_group": _prepare_sub_group,
             "unscale_and_clip_grads": _unscale_and_clip_grads,
@@ -232,7 +268,8 @@ WRAPPERS = {"initialize_optimizer_states": _initialize_optimizer_states,
             "independent_gradient_partition_epilogue": _epilogue,
             "_pre_step": _pre_step,
             "finalize_gradient_accumulation_boundary": _finalize_boundary,
-            "_constant_buffered_norm2": _norm2}
+            "_constant_buffered_norm2": _norm2,
+            "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads": _avg_scatter}
 
 
 def install(cls: Any, originals: dict[str, Any]) -> None:
