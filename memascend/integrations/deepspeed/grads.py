@@ -95,7 +95,7 @@ class GradPieces:
         self.steps = 0  # stage 3 steps begun (the _pre_step hook counts)
         self.overflow = False
         self.counts = {"pieces_written": 0, "partial_writes": 0, "base_reads": 0,
-                       "partitions": 0, "partitions_in_piece": 0, "norm_scratch_bytes": 0}
+                       "partitions": 0, "partitions_in_piece": 0}
 
     # ---- layout ----
     def _layout(self, stage3: Any) -> None:
@@ -238,7 +238,6 @@ class GradPieces:
         """Give the piece leases, the partition temporary and the norm scratch back (end of
         a backward)."""
         self._norm_buf = None
-        self.counts["norm_scratch_bytes"] = 0
         spare, self._spare = self._spare, []
         if self._temp is not None:
             spare.append(self._temp)
@@ -272,8 +271,6 @@ class GradPieces:
                         self._norm_buf.numel() < part.numel():
                     self._norm_buf = None  # the old scratch goes before the new one comes
                     self._norm_buf = torch.empty(part.numel(), dtype=dtype)
-                    self.counts["norm_scratch_bytes"] = \
-                        self._norm_buf.numel() * self._norm_buf.element_size()
                 conv = self._norm_buf.narrow(0, 0, part.numel())
                 conv.copy_(part.data)
             sq = conv.norm(2) ** 2.0
@@ -291,7 +288,6 @@ class GradPieces:
         if self._spans is None:
             self._layout(stage3)
         self._enter(stage3)
-        views = stage3._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
         accumulate = int(stage3.micro_step_id) != 0
         fp16 = stage3.dtype == torch.float16  # stage 3 checks overflow only then
         dtype = stage3.gradient_accumulation_dtype
@@ -308,26 +304,15 @@ class GradPieces:
             temp = self._temp_lease(s.numel * esize).as_tensor(dtype, s.numel)
             if accumulate:
                 self._gather(stage3, s, temp)
-            views[param.ds_id] = temp
-            try:
-                original(stage3, [param], [grad])
-            finally:
-                del views[param.ds_id]
-            if fp16 and not self.overflow and has_inf_or_nan(temp):
-                self.overflow = True
+            self._run_stage3(stage3, original, param, grad, temp, fp16)
             self._scatter(stage3, s, temp, accumulate)
-            self.counts["partitions"] += 1
             del temp
         return buffers
 
-    def _partition_in_piece(self, stage3: Any, original: Callable, param: Any, grad: Any,
-                            s: _Span, accumulate: bool, fp16: bool) -> None:
-        """A float32 partition inside one piece: stage 3 writes (or adds) it straight into
-        the piece, with no temporary and no second copy."""
-        k = s.offset // self.n
-        pk = (s.group, k)
-        p = self._open_piece(stage3, s.group, k, accumulate)
-        dst = p.t.narrow(0, s.offset - k * self.n, s.numel)
+    def _run_stage3(self, stage3: Any, original: Callable, param: Any, grad: Any, dst: Any,
+                    fp16: bool) -> None:
+        """Stage 3's ``partition_grads`` for one parameter, with ``dst`` as its gradient
+        partition; then the fused overflow check on it."""
         views = stage3._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
         views[param.ds_id] = dst
         try:
@@ -336,9 +321,18 @@ class GradPieces:
             del views[param.ds_id]
         if fp16 and not self.overflow and has_inf_or_nan(dst):
             self.overflow = True
-        del dst
-        p.covered.add(s.ds_id)
         self.counts["partitions"] += 1
+
+    def _partition_in_piece(self, stage3: Any, original: Callable, param: Any, grad: Any,
+                            s: _Span, accumulate: bool, fp16: bool) -> None:
+        """A float32 partition inside one piece: stage 3 writes (or adds) it straight into
+        the piece, with no temporary and no second copy."""
+        k = s.offset // self.n
+        pk = (s.group, k)
+        p = self._open_piece(stage3, s.group, k, accumulate)
+        self._run_stage3(stage3, original, param, grad,
+                         p.t.narrow(0, s.offset - k * self.n, s.numel), fp16)
+        p.covered.add(s.ds_id)
         self.counts["partitions_in_piece"] += 1
         if p.covered >= self._need[pk]:
             self._close(pk)
@@ -366,7 +360,9 @@ class GradPieces:
     def stats(self) -> dict[str, int]:
         """Counters: partitions taken (of them written straight into a piece), pieces
         written (of them incomplete), base reads, and the norm scratch's current bytes."""
-        return dict(self.counts)
+        buf = self._norm_buf
+        return dict(self.counts,
+                    norm_scratch_bytes=0 if buf is None else buf.numel() * buf.element_size())
 
 
 def zero_outside(dst: Any, start: int, ranges: Any) -> None:

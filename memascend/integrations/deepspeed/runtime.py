@@ -218,15 +218,20 @@ class Runtime:
         for lease in self._viewed:
             if lease.views_alive():
                 still.append(lease)
-            elif self._in_use + self._spare_bytes + lease.size <= self._peak:
-                self._spare.setdefault(lease.nbytes, []).append(lease)
-                self._spare_bytes += lease.size
-            else:
+            elif not self._keep(lease):
                 out.append(lease)
         while len(still) > self.MAX_VIEWED:
             out.append(still.pop(0))
         self._viewed = still
         return out
+
+    def _keep(self, lease: Lease) -> bool:
+        """Keep ``lease`` for reuse if that stays within the peak (caller holds the lock)."""
+        if self._in_use + self._spare_bytes + lease.size > self._peak:
+            return False
+        self._spare.setdefault(lease.nbytes, []).append(lease)
+        self._spare_bytes += lease.size
+        return True
 
     def lease(self, nbytes: int) -> Lease:
         """An exact-size pinned lease (a recycled one of exactly ``nbytes`` when kept),
@@ -266,13 +271,9 @@ class Runtime:
             if self._leases.pop(lease.address, None) is not None:
                 self._in_use -= lease.size
             viewed = not lease.released and lease.views_alive()
-            keep = not lease.released and not viewed and \
-                self._in_use + self._spare_bytes + lease.size <= self._peak
-            if keep:
-                self._spare.setdefault(lease.nbytes, []).append(lease)
-                self._spare_bytes += lease.size
-            elif viewed:
+            if viewed:
                 self._viewed.append(lease)  # kept or released once its views are gone
+            keep = not lease.released and not viewed and self._keep(lease)
         if not keep and not viewed:
             lease.release()
 

@@ -18,8 +18,8 @@ which reads every partition) is refused with a clear error, and ``_constant_buff
 (each partition's gradient norm) converts into a reused scratch (same bits). With one rank in
 the partition group, ``__avg_scatter_grads`` hands each bucketed gradient on as its own
 partition instead of copying the bucket into a fresh buffer and reduce-scattering it over
-that one rank (same values; DeepSpeed's scalings and dtype changes are kept). Every other case calls DeepSpeed's
-own method.
+that one rank (same values; DeepSpeed's scalings and dtype changes are kept). Every other
+case calls DeepSpeed's own method.
 """
 from __future__ import annotations
 
@@ -245,8 +245,8 @@ def _avg_scatter(original: Any) -> Any:
         if self.postscale_gradients and self.gradient_predivide_factor != 1.0:
             grads = [g.div(self.gradient_predivide_factor) for g in grads]
         parts = [g.reshape(-1) for g in grads]
-        if self.postscale_gradients and self.gradient_predivide_factor != 1.0 and \
-                self.gradient_predivide_factor != 1:
+        # DeepSpeed's test is "factor != 1.0 and factor != group size"; the size is 1 here
+        if self.postscale_gradients and self.gradient_predivide_factor != 1.0:
             parts = [g.mul(self.gradient_predivide_factor) for g in parts]
         averaging = self._gradient_averaging_world_size(params_to_reduce, 1)
         if averaging != 1:
