@@ -558,6 +558,34 @@ def ds_ipg_bucket_bytes(trainable_numel: int, reduce_bucket_size: int, elem_byte
     return int(min(reduce_bucket_size, trainable_numel)) * elem_bytes
 
 
+#: glibc's ceiling on its dynamic mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit).
+#: Freeing an mmapped chunk raises the threshold to the chunk's size, up to this; from then on
+#: every allocation below it comes from the heap, and heap memory freed below the top stays
+#: resident.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
+
+
+def heap_bytes(allocations: Sequence[int], mmap_threshold: int) -> int:
+    """Of a phase's allocations, the bytes glibc serves from its heap (each below
+    ``mmap_threshold``; the rest are mmapped and go back to the system on free). Heap memory a
+    phase frees stays resident and later phases, allocating other sizes, do not fit in it, so
+    these bytes count as held from that phase on (measured on stock ZeRO-3: the heap grew by
+    the first step's Adam moments although backward had freed more than that)."""
+    return sum(int(a) for a in allocations if int(a) < int(mmap_threshold))
+
+
+def ds_reduce_scatter_copy_bytes(trainable_numel: int, reduce_bucket_size: int, elem_bytes: int,
+                                 world_size: int = 1) -> int:
+    """The flat copy ``reduce_scatter_coalesced`` makes of a reduce bucket's gradients
+    (``torch.cat`` of every rank's padded chunks, on the compute device) and keeps while
+    ``partition_grads`` reads its partition views: ``min(reduce_bucket_size, trainable)``
+    elements, rounded up to the world size, in the communication dtype. memascend's drop-in
+    skips it at world size 1 (each gradient is its own partition)."""
+    n = int(min(reduce_bucket_size, trainable_numel))
+    ws = max(1, int(world_size))
+    return -(-n // ws) * ws * int(elem_bytes)
+
+
 def ds_fp32_gradient_copies_bytes(trainable_numel: int, reduce_bucket_size: int,
                                   master_bytes: int = 4) -> int:
     """fp32 copies of one reduce bucket's gradient partitions on their way to the NVMe
@@ -633,6 +661,23 @@ def ds_param_budget_bytes(buffer_count: int, largest_param_bytes: int) -> int:
         Bytes of the largest swapped parameter partition (aligned as DeepSpeed pads it).
     """
     return int(buffer_count) * round_up(int(largest_param_bytes))
+
+
+def ma_param_tier_bytes(buffer_count: int, swapped_partition_bytes: Sequence[int]) -> int:
+    """Most pinned bytes memascend's parameter tier holds in training: at most
+    ``buffer_count`` partitions are resident at once and each lease is exact, so the
+    ``buffer_count`` largest swapped partitions (4096-rounded), never more than the budget
+    :func:`ds_param_budget_bytes`. 0 when no partition is swapped.
+
+    Parameters
+    ----------
+    buffer_count:
+        ``offload_param.buffer_count``.
+    swapped_partition_bytes:
+        Bytes of every partition read from NVMe in training (aligned as DeepSpeed pads it).
+    """
+    top = sorted((round_up(int(b)) for b in swapped_partition_bytes), reverse=True)
+    return sum(top[:max(0, int(buffer_count))])
 
 
 def ds_optimizer_budget_bytes(buffer_count: int, largest_subgroup_numel: int) -> int:

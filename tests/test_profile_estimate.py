@@ -56,7 +56,11 @@ def test_drop_in_uses_exact_budgets_and_no_reserve():
     largest = 8192 * 512  # embeddings
     assert stock.component("partitioned_reserve").nbytes > 0
     assert ma.component("partitioned_reserve").nbytes == 0
-    assert ma.component("param_pool").nbytes == sz.ds_param_budget_bytes(5, largest * 2)
+    # the tier holds at most buffer_count partitions, each leased exactly: the 5 largest
+    # (embeddings and LM head, 4 Mi elements; then three MLP matrices of 512 x 1376)
+    mlp = sz.round_up(512 * 1376 * 2)
+    assert ma.component("param_pool").nbytes == 2 * largest * 2 + 3 * mlp
+    assert ma.component("param_pool").nbytes < sz.ds_param_budget_bytes(5, largest * 2)
     assert stock.component("param_pool").nbytes == 5 * sz.ds_align(5_000_000, 512) * 2
     # the streamed step: one budget of pieces, no whole-sub-group buffers, no Adam state
     # created whole, no flat gradient buffer (gradients are pieces too)
@@ -68,14 +72,15 @@ def test_drop_in_uses_exact_budgets_and_no_reserve():
     assert ma.component("adam_first_step") is None
     assert ma.component("init_gradient_buffer") is None
     assert ma.component("gradient_buffer").nbytes == 0
-    assert ma.component("grad_pieces").phase == "backward"
-    for name in ("fp16_flat_cpu", "ipg_bucket"):
-        assert ma.component(name).nbytes == stock.component(name).nbytes
+    assert ma.component("grad_pieces").kind == "locked"  # pinned leases, kept after backward
+    assert ma.component("fp16_flat_cpu").nbytes == stock.component("fp16_flat_cpu").nbytes
+    assert ma.component("ipg_bucket").nbytes == stock.component("ipg_bucket").nbytes == 0  # GPU
     assert ma.peak_bytes < stock.peak_bytes
     assert ma.ssd.capacity_peak == 2 * ma.ssd.capacity  # the store's sync_slack
     # fp32 gradient copies: stock keeps a bucket's in glibc's heap; the drop-in makes one
     # partition's at a time (streamed gradients) and returns it (fixed mmap threshold)
-    copies = stock.component("fp32_gradient_copies")
+    assert stock.component("fp32_gradient_copies") is None  # every copy below 32 MiB
+    copies = stock.component("fp32_gradient_copies_heap")
     assert copies.kind == "resident"
     assert copies.nbytes == sz.ds_fp32_gradient_copies_bytes(sum(_numels(model)),
                                                              cfg.reduce_bucket_size)
@@ -87,7 +92,8 @@ def test_drop_in_uses_exact_budgets_and_no_reserve():
                                "offload_param": {"device": "nvme", "max_in_cpu": 0,
                                                  "buffer_size": 5_000_000},
                                "offload_optimizer": {"device": "nvme"}}}), flavor="memascend")
-    assert kept.component("fp32_gradient_copies") == stock.component("fp32_gradient_copies")
+    assert kept.component("fp32_gradient_copies_heap") == \
+        stock.component("fp32_gradient_copies_heap")
     # streaming off: DeepSpeed-sized buffers, exact leases
     whole = estimate_deepspeed(w, sz.parse_deepspeed_config(
         {**ZERO_INF, "memascend": {"stream_optimizer": False},
@@ -102,6 +108,53 @@ def test_drop_in_uses_exact_budgets_and_no_reserve():
         stock.component("gradient_buffer").nbytes
     assert whole.component("adam_first_step").nbytes == \
         stock.component("adam_first_step").nbytes
+
+
+def test_cpu_run_heap_model_reduce_scatter_copy_and_idle_param_tier():
+    """On a CPU run (gpus=0): stock's freed allocations below glibc's 32 MiB ceiling count as
+    held (its heap keeps them), larger ones as transients; reduce-scatter's flat copy of the
+    bucket is a backward transient of stock but not of the drop-in at world size 1; with
+    max_in_cpu covering the model the drop-in's parameter tier leases nothing."""
+    model = load_model_config("llama-134m")
+    numels = _numels(model)
+    big = [n for n in numels if n * 4 >= sz.GLIBC_MMAP_THRESHOLD_MAX]
+    small = [n for n in numels if n * 4 < sz.GLIBC_MMAP_THRESHOLD_MAX]
+    assert len(big) == 2 and small  # embeddings and LM head: 32000 x 768 fp32 = 94 MiB each
+    cfg = sz.parse_deepspeed_config(ZERO_INF)
+    w = Workload(model, batch=1, seq=64, gpus=0)
+    stock = estimate_deepspeed(w, cfg)
+    ma = estimate_deepspeed(w, cfg, flavor="memascend")
+    c = {x.name: x for x in stock.components}
+    assert (c["fp32_gradient_copies"].kind, c["fp32_gradient_copies"].nbytes) == \
+        ("transient", 4 * sum(big))
+    assert (c["fp32_gradient_copies_heap"].kind, c["fp32_gradient_copies_heap"].nbytes) == \
+        ("resident", 4 * sum(small))
+    assert c["init_materialize_heap"].nbytes == 4 * sum(small)
+    assert c["reduce_scatter_copy"].nbytes == sum(numels) * 2
+    assert c["reduce_scatter_copy"].phase == "backward"
+    assert c["ipg_bucket"].nbytes == sum(numels) * 2  # on the CPU this time
+    assert ma.component("reduce_scatter_copy") is None
+    # the drop-in's 1 MiB threshold: its one fp32 partition copy at a time is returned
+    assert ma.component("fp32_gradient_copies").kind == "transient"
+    assert ma.component("fp32_gradient_copies_heap") is None
+    assert ma.component("param_pool").nbytes == 0
+    assert "no partition is read" in ma.component("param_pool").note
+    # the heap-kept parts are held from their phase on: persistent + the largest phase
+    assert stock.peak_bytes == stock.persistent_bytes + max(stock.phase_bytes().values())
+    # without the fixed threshold the drop-in is under glibc's defaults like stock
+    loose = estimate_deepspeed(w, sz.parse_deepspeed_config(
+        {**ZERO_INF, "memascend": {"heap_mmap_threshold": 0}}), flavor="memascend")
+    assert loose.component("init_materialize_heap") == c["init_materialize_heap"]
+
+
+def test_heap_and_tier_sizing_rules():
+    t = sz.GLIBC_MMAP_THRESHOLD_MAX
+    assert sz.heap_bytes([t - 1, t, t + 1, 5], t) == t - 1 + 5
+    assert sz.heap_bytes([], t) == 0
+    assert sz.ma_param_tier_bytes(2, [10, 9000, 4096, 5000]) == 12288 + 8192
+    assert sz.ma_param_tier_bytes(5, []) == 0
+    assert sz.ds_reduce_scatter_copy_bytes(10, 5_000_000, 2, 4) == 12 * 2  # padded to ranks
+    assert sz.ds_reduce_scatter_copy_bytes(10_000_000, 5_000_000, 2, 1) == 5_000_000 * 2
 
 
 def test_memascend_block_is_validated_like_the_drop_in():

@@ -207,20 +207,60 @@ def _model_numels(model: Mapping[str, Any]) -> list[int]:
     return [math.prod(shape) for _name, shape in llama_parameter_shapes(dict(model))]
 
 
-def _activations(w: Workload, elem_bytes: int, largest: int) -> list[Component]:
-    """Host-memory activation components of the backward phase (CPU compute only)."""
+def _freed(name: str, label: str, allocations: Sequence[int], phase: str, note: str,
+           heap_threshold: Optional[int]) -> list[Component]:
+    """A transient made of ``allocations``. With a glibc heap model (``heap_threshold``, the
+    mmap threshold in force), the allocations below the threshold stay in the heap once freed
+    and count as resident (``name_heap``); the rest is mmapped and returned on free: a
+    transient of ``phase`` (``name``, left out when all of it is in the heap). Without one,
+    all of it is a transient."""
+    total = sum(int(a) for a in allocations)
+    heap = sz.heap_bytes(allocations, heap_threshold) if heap_threshold else 0
+    out = []
+    if total - heap or not heap:
+        out.append(Component(name, label, total - heap, "transient", phase, note))
+    if heap:
+        out.append(Component(f"{name}_heap", f"{label}, kept in glibc's heap", heap, "resident",
+                             note=f"{note}; freed below the {heap_threshold:,} B mmap threshold"))
+    return out
+
+
+def _activations(w: Workload, elem_bytes: int, largest: int,
+                 heap_threshold: Optional[int] = None) -> list[Component]:
+    """Host-memory activation components of the backward phase (CPU compute only). The saved
+    activations are per-layer tensors of at most ``tokens × max(hidden, intermediate)``
+    elements and the logits (``tokens × vocab``, also in fp32 when the model is not)."""
     if not w.host_activations:
         return []
     acts = sz.llama_activation_bytes(w.model, w.batch, w.seq, elem_bytes, w.checkpointing)
-    extra = sz.offload_backward_transient_bytes(largest, elem_bytes, w.tokens,
-                                                int(w.model["vocab_size"]))
+    vocab = int(w.model["vocab_size"])
+    logits = [w.tokens * vocab * elem_bytes] + ([w.tokens * vocab * 4] if elem_bytes != 4 else [])
+    piece = w.tokens * max(int(w.model["hidden_size"]), int(w.model["intermediate_size"])) * \
+        elem_bytes
+    rest = max(0, acts - sum(logits))
+    layer = [piece] * (rest // piece) + ([rest % piece] if rest % piece else [])
     return [
-        Component("activations", "activations saved for backward", acts, "transient",
-                  "backward", f"LLaMA, {w.batch}x{w.seq} tokens"
-                  + (", checkpointed" if w.checkpointing else "")),
-        Component("backward_temporaries", "logits gradients + one weight gradient", extra,
-                  "transient", "backward", "2 x tokens x vocab x 4 B + largest parameter"),
+        *_freed("activations", "activations saved for backward", logits + layer, "backward",
+                f"LLaMA, {w.batch}x{w.seq} tokens" + (", checkpointed" if w.checkpointing
+                                                      else ""), heap_threshold),
+        *_freed("backward_temporaries", "logits gradients + one weight gradient",
+                [w.tokens * vocab * 4] * 2 + [largest * elem_bytes], "backward",
+                "2 x tokens x vocab x 4 B + largest parameter", heap_threshold),
     ]
+
+
+def _buckets(full: Sequence[int], bucket_size: int) -> list[list[int]]:
+    """Indices of the parameters in each reduce bucket, as backward fills them (last
+    parameter first; a gradient that does not fit flushes the bucket)."""
+    out: list[list[int]] = [[]]
+    filled = 0
+    for i in reversed(range(len(full))):
+        if out[-1] and filled + full[i] > bucket_size:
+            out.append([])
+            filled = 0
+        out[-1].append(i)
+        filled += full[i]
+    return out
 
 
 def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "stock") -> Estimate:
@@ -269,6 +309,12 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
         full_groups.append(full[i:i + len(g)])
         i += len(g)
     swapped = [p for p in parts if sz.ds_is_swappable(p, e, ds.aio_block_size)]
+    # Partitions read from NVMe in training: those of the sub-groups outside the flat buffer.
+    fetched = [p for g, cpu in zip(groups, in_cpu) if not cpu for p in g
+               if sz.ds_is_swappable(p, e, ds.aio_block_size)] if flat < n_part else []
+    # glibc: stock runs with its dynamic mmap threshold (up to 32 MiB); the drop-in fixes it.
+    heap_at = ds.heap_mmap_threshold if not stock and ds.heap_mmap_threshold else \
+        sz.GLIBC_MMAP_THRESHOLD_MAX
     comps: list[Component] = []
 
     runtime = w.runtime_bytes if w.runtime_bytes is not None else \
@@ -280,6 +326,20 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                            sz.TRAINING_RUNTIME_BYTES, "resident", note="measured constant"))
     comps.append(Component("deepspeed_engine", "DeepSpeed engine, cpu_adam, aio handles",
                            sz.DEEPSPEED_ENGINE_BYTES, "resident", note="measured constant"))
+
+    if w.host_activations:
+        # zero.Init on the CPU builds each parameter in fp32, casts it to the model dtype and
+        # partitions it, one module at a time (on a GPU run this happens in GPU memory).
+        heap = sz.heap_bytes([n * 4 for n in full], heap_at)
+        big = max((n for n in full if n * 4 >= heap_at), default=0)
+        comps.append(Component("init_materialize", "parameters built whole at zero.Init",
+                               big * (4 + e), "transient", "init",
+                               note=f"the largest above the mmap threshold, fp32 + {e} B"))
+        if heap:
+            comps.append(Component("init_materialize_heap", "parameters built whole at "
+                                   "zero.Init, kept in glibc's heap", heap, "resident",
+                                   note=f"fp32 size of those below the {heap_at:,} B mmap "
+                                        "threshold (an upper bound: 35-80 % measured)"))
 
     # Parameter swap pool (ZeRO-Infinity parameter offload to NVMe).
     if ds.params_on_nvme:
@@ -298,10 +358,14 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                                    "virtual", note="torch.empty never written: address space, "
                                                    "not RSS"))
         else:
-            pool = sz.ds_param_budget_bytes(ds.param_buffer_count, sz.ds_align(largest_swapped, a) * e)
-            comps.append(Component("param_pool", "parameter tier budget (exact-size)", pool,
-                                   "locked", note=f"{ds.param_buffer_count} x largest swapped "
-                                                  "partition, 4096-rounded"))
+            budget = sz.ds_param_budget_bytes(ds.param_buffer_count,
+                                              sz.ds_align(largest_swapped, a) * e)
+            pool = min(budget, sz.ma_param_tier_bytes(ds.param_buffer_count,
+                                                      [sz.ds_align(p, a) * e for p in fetched]))
+            comps.append(Component("param_pool", "parameter tier leases (exact-size)", pool,
+                                   "locked", note=f"the {ds.param_buffer_count} largest "
+                                                  "partitions read in training, 4096-rounded"
+                                   if fetched else "none: no partition is read in training"))
         if stock:
             reserve = sz.ds_partitioned_reserve_bytes(full_groups, group_totals, in_cpu, e, a)
             comps.append(Component("partitioned_reserve", "partitioned swap reserve (write-back)",
@@ -369,48 +433,59 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                                    max(parts), ge, ds.optimizer_chunk,
                                    sum(-(-n * 4 // ds.optimizer_chunk) for n, s in
                                        zip(group_totals, grads_streamed) if s)),
-                               "transient", "backward",
+                               "locked",
                                note=f"largest partition x {ge} B + "
-                                    f"{2 * sz.GRAD_PIECES_OPEN} pieces (open, in flight)"))
+                                    f"{2 * sz.GRAD_PIECES_OPEN} pieces (open, in flight); pinned "
+                                    "leases, kept for reuse after backward"))
+    # The contiguous-gradients bucket and reduce_scatter_coalesced's flat copy of it are on
+    # the compute device: host memory only when the model computes on the CPU.
+    host = w.host_activations
     comps.append(Component("ipg_bucket", "contiguous-gradients bucket (written part)",
-                           sz.ds_ipg_bucket_bytes(n_part, ds.reduce_bucket_size, e,
-                                                  ds.contiguous_gradients), "resident",
-                           note=f"min(reduce_bucket_size, model) x {e} B"))
+                           sz.ds_ipg_bucket_bytes(sum(full), ds.reduce_bucket_size, e,
+                                                  ds.contiguous_gradients) if host else 0,
+                           "resident", note=f"min(reduce_bucket_size, model) x {e} B" if host
+                           else "on the GPU"))
+    if host and (stock or ws > 1):
+        comps.extend(_freed("reduce_scatter_copy", "reduce-scatter's flat copy of a bucket",
+                            [sz.ds_reduce_scatter_copy_bytes(sum(full), ds.reduce_bucket_size,
+                                                             e, ws)],
+                            "backward", f"min(reduce_bucket_size, model) x {e} B", heap_at))
     if swappable_opt:
         # Streamed gradients run stage 3's partition_grads one partition at a time, so its
         # fp32 copies list holds one partition's copy, freed when that call ends.
         per_partition = not stock and any(grads_streamed)
-        copies = sz.ds_fp32_gradient_copies_bytes(
-            n_part, min(ds.reduce_bucket_size, max(parts)) if per_partition
-            else ds.reduce_bucket_size)
+        if per_partition:
+            allocs = [min(ds.reduce_bucket_size, max(parts)) * 4]
+        else:  # one fp32 copy per partition of the fullest bucket, alive until its swap-out
+            bucket = max(_buckets(full, ds.reduce_bucket_size),
+                         key=lambda b: sum(parts[i] for i in b))
+            allocs = [parts[i] * 4 for i in bucket]
         label = f"fp32 gradient copies of one {'partition' if per_partition else 'bucket'}"
-        if stock or not ds.heap_mmap_threshold:
-            comps.append(Component("fp32_gradient_copies", label, copies, "resident",
-                                   note="freed, but kept in glibc's heap"))
-        else:  # the drop-in fixes glibc's mmap threshold: freed copies leave RSS
-            comps.append(Component("fp32_gradient_copies", label, copies, "transient",
-                                   "backward", note="returned on free (heap_mmap_threshold)"))
+        comps.extend(_freed("fp32_gradient_copies", label, allocs, "backward",
+                            "one per partition, freed after the swap-out", heap_at))
         # The streamed drop-in always builds the master piece by piece (fast_init's path).
         init32 = sz.ds_init_fp32_buffers_bytes(group_totals, in_cpu,
                                                ds.fast_init or any(streamed)) \
             if ds.params_on_nvme else 0
         if init32:
-            comps.append(Component("init_fp32_buffers", "unpinned fp32 sub-group buffers at "
-                                   "initialize", init32, "transient", "init_fp32_partitions",
-                                   note="two of the largest NVMe-resident sub-groups x 4 B"))
+            top = sorted((n for n, cpu in zip(group_totals, in_cpu) if not cpu),
+                         reverse=True)[:2]
+            comps.extend(_freed("init_fp32_buffers", "unpinned fp32 sub-group buffers at "
+                                "initialize", [n * 4 for n in top], "init_fp32_partitions",
+                                "two of the largest NVMe-resident sub-groups x 4 B", heap_at))
         if ds.fast_init and not stock and ds.params_on_nvme and not any(streamed):
             comps.append(Component("fast_init_buffers", "fast_init staging leases",
                                    ds.param_buffer_count * sz.round_up(largest_group * e),
                                    "transient", "init_fp32_partitions",
                                    note="buffer_count x largest sub-group, model dtype"))
         if largest_whole:
-            comps.append(Component("init_gradient_buffer", "fp32 gradient buffer at initialize",
-                                   largest_whole * 4, "transient", "init",
-                                   note="initialize_optimizer_states: largest sub-group "
-                                        "stepped whole x 4 B"))
-            comps.append(Component("adam_first_step", "Adam moments created by the first step",
-                                   sz.ds_adam_first_step_bytes(largest_whole), "transient",
-                                   "step", note="2 x largest sub-group stepped whole x 4 B"))
+            comps.extend(_freed("init_gradient_buffer", "fp32 gradient buffer at initialize",
+                                [largest_whole * 4], "init",
+                                "initialize_optimizer_states: largest sub-group stepped whole "
+                                "x 4 B", heap_at))
+            comps.extend(_freed("adam_first_step", "Adam moments created by the first step",
+                                [sz.ds_adam_first_step_bytes(largest_whole) // 2] * 2, "step",
+                                "2 x largest sub-group stepped whole x 4 B", heap_at))
         if any(streamed):
             comps.append(Component("adam_first_step_piece", "new Adam state, one piece",
                                    ds.optimizer_chunk, "transient", "step",
@@ -419,14 +494,15 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
         # Before the sub-group loop of the step: its own moment, not added to the Adam moments.
         ovf = sz.ds_overflow_check_bytes(n_part, ge, True) if stock else \
             sz.chunked_overflow_check_bytes(ge, True)
-        comps.append(Component("overflow_check", "fp16 overflow-check temporaries", ovf,
-                               "transient", "overflow_check",
-                               note="isinf/isnan over the whole gradient buffer" if stock
-                               else "1 Mi elements at a time"))
+        # an abs() copy in the gradient dtype and a bool result (1 B per element)
+        comps.extend(_freed("overflow_check", "fp16 overflow-check temporaries",
+                            [ovf * ge // (ge + 1), ovf // (ge + 1)], "overflow_check",
+                            "isinf/isnan over the whole gradient buffer" if stock
+                            else "1 Mi elements at a time", heap_at))
     pad = sz.ds_padding_bytes(swapped, e, a) if ds.params_on_nvme else 0
     notes.append(f"DeepSpeed's {a}-element alignment pads the swapped parameters by "
                  f"{pad:,} B in all")
-    comps.extend(_activations(w, e, max(full)))
+    comps.extend(_activations(w, e, max(full), heap_at))
     if not w.host_activations:
         notes.append("activations are in GPU memory (not counted); use --gpus 0 for a CPU run")
     ssd = sz.ds_ssd_traffic(parts, groups, in_cpu, ds, page_aligned=not stock,
