@@ -434,8 +434,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     est = estimate_offload(w, compute_dtype="float32", budget=budget,
                                            optimizer_budget=obudget)
                 else:
+                    mmap = spec.get("env", {}).get("MALLOC_MMAP_THRESHOLD_")
                     est = estimate_deepspeed(w, sz.parse_deepspeed_config(spec["ds_config"]),
-                                             flavor="stock" if kind == "deepspeed" else "memascend")
+                                             flavor="stock" if kind == "deepspeed" else "memascend",
+                                             mmap_threshold=int(mmap) if mmap else None)
                 row = {"model": name, "parameters": sum(numels), "system": system,
                        "primary": primary, "seconds": round(time.monotonic() - t0, 1),
                        "runtime_bytes": rt["hwm_bytes"], "estimate": est.to_dict()}

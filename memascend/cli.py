@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import threading
@@ -269,7 +270,9 @@ def cmd_profile_estimate(args: argparse.Namespace) -> int:
     budget = parse_size("--budget", args.budget) if args.budget else None
     obudget = parse_size("--optimizer-budget", args.optimizer_budget) \
         if args.optimizer_budget else None
-    ests = [estimate_deepspeed(w, ds, flavor="stock"), estimate_deepspeed(w, ds, flavor="memascend"),
+    mmap = parse_size("--mmap-threshold", args.mmap_threshold) if args.mmap_threshold else None
+    ests = [estimate_deepspeed(w, ds, flavor="stock", mmap_threshold=mmap),
+            estimate_deepspeed(w, ds, flavor="memascend", mmap_threshold=mmap),
             estimate_offload(w, compute_dtype=args.dtype or ds.model_dtype, budget=budget,
                              optimizer_budget=obudget)]
     report = EstimateReport(model, n_params, w, tuple(ests),
@@ -426,6 +429,10 @@ def _add_profile(sub: Any) -> None:
     est.add_argument("--runtime", default=None,
                      help="resident bytes of the Python + torch runtime, e.g. 350MiB "
                           "(default: measured constants, see memascend.sizing)")
+    est.add_argument("--mmap-threshold", default=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                     help="stock DeepSpeed: glibc's mmap threshold of the run, e.g. 128KiB "
+                          "(default: $MALLOC_MMAP_THRESHOLD_, else glibc's dynamic one, up "
+                          "to 32 MiB)")
     est.add_argument("--json", action="store_true", help="print JSON")
     est.set_defaults(func=cmd_profile_estimate)
     run = psub.add_parser(

@@ -145,6 +145,15 @@ def test_cpu_run_heap_model_reduce_scatter_copy_and_idle_param_tier():
     loose = estimate_deepspeed(w, sz.parse_deepspeed_config(
         {**ZERO_INF, "memascend": {"heap_mmap_threshold": 0}}), flavor="memascend")
     assert loose.component("init_materialize_heap") == c["init_materialize_heap"]
+    # a run with MALLOC_MMAP_THRESHOLD_=131072: the copies are mmapped and returned
+    fixed = estimate_deepspeed(w, cfg, mmap_threshold=128 << 10)
+    assert fixed.component("fp32_gradient_copies").nbytes == \
+        4 * sum(n for n in numels if n * 4 >= 128 << 10)
+    assert fixed.component("fp32_gradient_copies_heap").nbytes == \
+        4 * sum(n for n in numels if n * 4 < 128 << 10)  # the norms' weights
+    assert fixed.peak_bytes < stock.peak_bytes
+    with pytest.raises(ConfigError, match="mmap_threshold"):
+        estimate_deepspeed(w, cfg, mmap_threshold=0)
 
 
 def test_heap_and_tier_sizing_rules():
@@ -257,6 +266,31 @@ def test_cli_table_and_json(tmp_path):
     assert "physical_bytes" in doc["machine"]
 
 
+def test_cli_mmap_threshold_flag_and_environment():
+    """Stock's heap model follows the run's glibc threshold: ``--mmap-threshold``, else
+    ``$MALLOC_MMAP_THRESHOLD_``, else glibc's dynamic one."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def stock_peak(*args: str, **env: str) -> int:
+        out = subprocess.run([sys.executable, "-m", "memascend.cli", "profile", "estimate",
+                              "--model", "llama-34m", "--gpus", "0", "--seq", "64", "--json",
+                              *args], capture_output=True, text=True, timeout=60,
+                             env={**clean, **env})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["estimates"]["deepspeed"]["peak_bytes"]
+
+    w = Workload(load_model_config("llama-34m"), seq=64, gpus=0)
+    cfg = sz.parse_deepspeed_config(ZERO_INF)
+    fixed = estimate_deepspeed(w, cfg, mmap_threshold=128 << 10).peak_bytes
+    dynamic = estimate_deepspeed(w, cfg).peak_bytes
+    assert fixed < dynamic
+    assert stock_peak("--mmap-threshold", "128KiB") == fixed
+    assert stock_peak(MALLOC_MMAP_THRESHOLD_="131072") == fixed
+    assert stock_peak() == dynamic
+
+
 def test_cli_without_ds_config_and_with_example_configs():
     out = cli("--model", "llama2-7b", "--seq", "2048")
     assert out.returncode == 0 and "no --ds-config" in out.stdout
@@ -272,6 +306,7 @@ def test_cli_without_ds_config_and_with_example_configs():
     (("--model", "llama-34m", "--ds-config", "/nonexistent/ds.json"), "does not exist"),
     (("--model", "llama-34m", "--batch", "0"), "must be positive"),
     (("--model", "llama-34m", "--budget", "lots"), "cannot parse size"),
+    (("--model", "llama-34m", "--mmap-threshold", "0"), "must be positive"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle):
     out = cli(*args)

@@ -263,7 +263,8 @@ def _buckets(full: Sequence[int], bucket_size: int) -> list[list[int]]:
     return out
 
 
-def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "stock") -> Estimate:
+def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "stock",
+                       mmap_threshold: Optional[int] = None) -> Estimate:
     """Footprint of ZeRO-3 with this DeepSpeed config, stock or with memascend's swappers.
 
     Parameters
@@ -274,6 +275,10 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
         The parsed DeepSpeed config (:func:`memascend.sizing.parse_deepspeed_config`).
     flavor:
         ``"stock"`` (DeepSpeed's own swappers) or ``"memascend"`` (the drop-in).
+    mmap_threshold:
+        glibc's mmap threshold the stock run has (``MALLOC_MMAP_THRESHOLD_``); default: its
+        dynamic threshold, which rises to 32 MiB. Freed allocations below it stay in the heap.
+        The drop-in sets its own (``memascend.heap_mmap_threshold``).
 
     Returns
     -------
@@ -284,6 +289,8 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
     ConfigError
         Not ZeRO stage 3, or an unknown flavor.
     """
+    if mmap_threshold is not None and int(mmap_threshold) <= 0:
+        raise ConfigError("mmap_threshold", f"must be positive, got {mmap_threshold}")
     if flavor not in ("stock", "memascend"):
         raise ConfigError("flavor", f"must be 'stock' or 'memascend', got {flavor!r}")
     if ds.stage != 3:
@@ -314,7 +321,7 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
                if sz.ds_is_swappable(p, e, ds.aio_block_size)] if flat < n_part else []
     # glibc: stock runs with its dynamic mmap threshold (up to 32 MiB); the drop-in fixes it.
     heap_at = ds.heap_mmap_threshold if not stock and ds.heap_mmap_threshold else \
-        sz.GLIBC_MMAP_THRESHOLD_MAX
+        int(mmap_threshold or sz.GLIBC_MMAP_THRESHOLD_MAX)
     comps: list[Component] = []
 
     runtime = w.runtime_bytes if w.runtime_bytes is not None else \
