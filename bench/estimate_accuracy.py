@@ -14,7 +14,8 @@ real training run reaches, for
   ``max_in_cpu`` 0, ``buffer_size`` = the largest parameter, ``sub_group_size`` = the largest
   parameter, so parameters really live on NVMe and the partitioned reserve exists), both with
   glibc's default malloc as users run it; a diagnostic row on the first model (not in the
-  summary) repeats the tuned config with ``MALLOC_MMAP_THRESHOLD_=131072``. CPU-only
+  summary) repeats the tuned config with ``MALLOC_MMAP_THRESHOLD_=131072``, estimated with
+  that threshold (``mmap_threshold``: the heap model's other setting). CPU-only
   machine: the CPU accelerator, gloo, world size 1, ``stage3_max_reuse_distance`` 0, the dtype
   in the config (not passed to ``zero.Init``). DeepSpeed's ``async_io`` op must already be
   built in ``$TORCH_EXTENSIONS_DIR`` (default ``/root/.cache/memascend-torch-ext``): a cold
@@ -540,7 +541,7 @@ def print_table(rows: list[dict[str, Any]], runtimes: dict[str, Any],
               f"{m(r['measured_written_last_step']):>9}")
     print("* not in the summary: diagnostic rows (memascend with glibc's default malloc, "
           "outside the estimate's stated assumption; DeepSpeed with MALLOC_MMAP_THRESHOLD_="
-          "131072, to show glibc's share of its error)")
+          "131072, estimated with that threshold)")
     mx = summary["max_abs_error"]
     print(f"\nsummary: max_abs_error {mx if mx is None else round(mx, 4)} (goal <= 0.10, "
           f"{'met' if summary['goal_met'] else 'NOT met'}), max_abs_error_all "
