@@ -129,7 +129,7 @@ def test_cpu_run_heap_model_reduce_scatter_copy_and_idle_param_tier():
         ("transient", 4 * sum(big))
     assert (c["fp32_gradient_copies_heap"].kind, c["fp32_gradient_copies_heap"].nbytes) == \
         ("resident", 4 * sum(small))
-    assert c["init_materialize_heap"].nbytes == 2 * sum(small)  # bf16, until partitioned
+    assert c["init_materialize_heap"].nbytes == 4 * sum(small)
     assert c["reduce_scatter_copy"].nbytes == sum(numels) * 2
     assert c["reduce_scatter_copy"].phase == "backward"
     assert c["ipg_bucket"].nbytes == sum(numels) * 2  # on the CPU this time

@@ -337,9 +337,7 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
     if w.host_activations:
         # zero.Init on the CPU builds each parameter in fp32, casts it to the model dtype and
         # partitions it, one module at a time (on a GPU run this happens in GPU memory).
-        # Each lives whole in the model dtype until it is partitioned; what the heap keeps
-        # of that churn measured 70-130 % of their model-dtype size (mallinfo2, 34M/134M).
-        heap = sz.heap_bytes([n * e for n in full if n * 4 < heap_at], heap_at)
+        heap = sz.heap_bytes([n * 4 for n in full], heap_at)
         big = max((n for n in full if n * 4 >= heap_at), default=0)
         comps.append(Component("init_materialize", "parameters built whole at zero.Init",
                                big * (4 + e), "transient", "init",
@@ -347,8 +345,8 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
         if heap:
             comps.append(Component("init_materialize_heap", "parameters built whole at "
                                    "zero.Init, kept in glibc's heap", heap, "resident",
-                                   note=f"those built below the {heap_at:,} B mmap threshold, "
-                                        f"x {e} B"))
+                                   note=f"fp32 size of those below the {heap_at:,} B mmap "
+                                        "threshold (an upper bound: 35-80 % measured)"))
 
     # Parameter swap pool (ZeRO-Infinity parameter offload to NVMe).
     if ds.params_on_nvme:
