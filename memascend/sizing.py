@@ -586,29 +586,46 @@ def ds_reduce_scatter_copy_bytes(trainable_numel: int, reduce_bucket_size: int, 
     return -(-n // ws) * ws * int(elem_bytes)
 
 
-def ds_fp32_gradient_copies_bytes(trainable_numel: int, reduce_bucket_size: int,
-                                  master_bytes: int = 4) -> int:
+def ds_reduce_buckets(numels: Sequence[int], reduce_bucket_size: int) -> list[list[int]]:
+    """Indices of the parameters in each of ZeRO-3's reduce buckets, as backward fills them:
+    last parameter first; a gradient that does not fit flushes the bucket first."""
+    out: list[list[int]] = [[]]
+    filled = 0
+    for i in reversed(range(len(numels))):
+        if out[-1] and filled + int(numels[i]) > reduce_bucket_size:
+            out.append([])
+            filled = 0
+        out[-1].append(i)
+        filled += int(numels[i])
+    return out
+
+
+def ds_fp32_gradient_copy_allocations(numels: Sequence[int], partition_numels: Sequence[int],
+                                      reduce_bucket_size: int,
+                                      master_bytes: int = 4) -> list[int]:
     """fp32 copies of one reduce bucket's gradient partitions on their way to the NVMe
-    optimizer tier (``_offload_grad_partition_at_boundary``: ``grad_buffer.to(fp32)`` per
-    parameter, all alive until the bucket's swap-out). Freed afterwards, but copies below
-    glibc's mmap ceiling stay in the heap, so they count as resident from the first backward
-    on (measured: ``MALLOC_MMAP_THRESHOLD_=131072`` removes exactly this much RSS)."""
-    return int(min(reduce_bucket_size, trainable_numel)) * master_bytes
+    optimizer tier (``partition_grads``: ``grad_buffer.float()`` per parameter, all alive
+    until the bucket's swap-out), one allocation per partition of the fullest bucket
+    (:func:`ds_reduce_buckets` over the full ``numels``). Freed afterwards; those below
+    glibc's mmap threshold stay in the heap (:func:`heap_bytes`; measured:
+    ``MALLOC_MMAP_THRESHOLD_=131072`` removes that much RSS)."""
+    bucket = max(ds_reduce_buckets(numels, reduce_bucket_size),
+                 key=lambda b: sum(int(partition_numels[i]) for i in b))
+    return [int(partition_numels[i]) * master_bytes for i in bucket]
 
 
-def ds_init_fp32_buffers_bytes(sub_group_partition_numels: Sequence[int], in_cpu: Sequence[bool],
-                               fast_init: bool, master_bytes: int = 4) -> int:
+def ds_init_fp32_buffer_allocations(sub_group_partition_numels: Sequence[int],
+                                    in_cpu: Sequence[bool], fast_init: bool,
+                                    master_bytes: int = 4) -> list[int]:
     """Unpinned fp32 buffers of ``stage3._create_fp32_partitions`` for sub-groups whose
     parameters live on NVMe (no slice of the flat CPU buffer), without ``fast_init``: one
     ``torch.empty`` of the sub-group per iteration, assigned to the same variable, so the
-    previous one is freed only after the next exists — two of the largest at once."""
+    previous one is freed only after the next exists — the two largest at once (none with
+    ``fast_init``)."""
     if fast_init:
-        return 0
+        return []
     on_nvme = [n for n, cpu in zip(sub_group_partition_numels, in_cpu) if not cpu]
-    if not on_nvme:
-        return 0
-    top = sorted(on_nvme, reverse=True)[:2]
-    return sum(top) * master_bytes
+    return [int(n) * master_bytes for n in sorted(on_nvme, reverse=True)[:2]]
 
 
 def ds_adam_first_step_bytes(largest_subgroup_numel: int, master_bytes: int = 4) -> int:
@@ -778,13 +795,13 @@ def offload_step_transient_bytes(largest_numel: int) -> int:
     return 2 * int(largest_numel) * 4
 
 
-def offload_backward_transient_bytes(largest_numel: int, compute_bytes: int, tokens: int,
-                                     vocab_size: int) -> int:
+def backward_transient_allocations(largest_numel: int, compute_bytes: int, tokens: int,
+                                   vocab_size: int) -> list[int]:
     """Unpinned transients at the start of backward, on top of the saved activations: the
     gradient of the log-softmax input and output (2 × tokens × vocab fp32) and one weight
-    gradient in the compute dtype (the largest) before its hook moves it to the optimizer
-    tier."""
-    return 2 * int(tokens) * int(vocab_size) * 4 + int(largest_numel) * compute_bytes
+    gradient in the compute dtype (the largest) before its hook (or DeepSpeed's bucket) takes
+    it."""
+    return [int(tokens) * int(vocab_size) * 4] * 2 + [int(largest_numel) * compute_bytes]
 
 
 def llama_activation_bytes(cfg: Mapping[str, Any], batch: int, seq: int, elem_bytes: int,

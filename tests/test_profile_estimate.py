@@ -82,8 +82,7 @@ def test_drop_in_uses_exact_budgets_and_no_reserve():
     assert stock.component("fp32_gradient_copies") is None  # every copy below 32 MiB
     copies = stock.component("fp32_gradient_copies_heap")
     assert copies.kind == "resident"
-    assert copies.nbytes == sz.ds_fp32_gradient_copies_bytes(sum(_numels(model)),
-                                                             cfg.reduce_bucket_size)
+    assert copies.nbytes == 4 * sum(_numels(model))  # one bucket holds the whole model
     copies = ma.component("fp32_gradient_copies")
     assert (copies.kind, copies.phase, copies.nbytes) == ("transient", "backward", largest * 4)
     kept = estimate_deepspeed(w, sz.parse_deepspeed_config(
@@ -164,6 +163,13 @@ def test_heap_and_tier_sizing_rules():
     assert sz.ma_param_tier_bytes(5, []) == 0
     assert sz.ds_reduce_scatter_copy_bytes(10, 5_000_000, 2, 4) == 12 * 2  # padded to ranks
     assert sz.ds_reduce_scatter_copy_bytes(10_000_000, 5_000_000, 2, 1) == 5_000_000 * 2
+    # backward fills buckets from the last parameter; one that does not fit flushes first
+    assert sz.ds_reduce_buckets([5, 3, 4, 2], 6) == [[3, 2], [1], [0]]
+    assert sz.ds_fp32_gradient_copy_allocations([5, 3, 4, 2], [5, 3, 4, 2], 6) == [8, 16]
+    assert sz.ds_init_fp32_buffer_allocations([3, 9, 7, 8], [False, True, False, False],
+                                              False) == [32, 28]
+    assert sz.ds_init_fp32_buffer_allocations([3, 9], [False, False], True) == []
+    assert sz.backward_transient_allocations(10, 2, 4, 100) == [1600, 1600, 20]
 
 
 def test_memascend_block_is_validated_like_the_drop_in():

@@ -244,23 +244,9 @@ def _activations(w: Workload, elem_bytes: int, largest: int,
                 f"LLaMA, {w.batch}x{w.seq} tokens" + (", checkpointed" if w.checkpointing
                                                       else ""), heap_threshold),
         *_freed("backward_temporaries", "logits gradients + one weight gradient",
-                [w.tokens * vocab * 4] * 2 + [largest * elem_bytes], "backward",
-                "2 x tokens x vocab x 4 B + largest parameter", heap_threshold),
+                sz.backward_transient_allocations(largest, elem_bytes, w.tokens, vocab),
+                "backward", "2 x tokens x vocab x 4 B + largest parameter", heap_threshold),
     ]
-
-
-def _buckets(full: Sequence[int], bucket_size: int) -> list[list[int]]:
-    """Indices of the parameters in each reduce bucket, as backward fills them (last
-    parameter first; a gradient that does not fit flushes the bucket)."""
-    out: list[list[int]] = [[]]
-    filled = 0
-    for i in reversed(range(len(full))):
-        if out[-1] and filled + full[i] > bucket_size:
-            out.append([])
-            filled = 0
-        out[-1].append(i)
-        filled += full[i]
-    return out
 
 
 def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "stock",
@@ -461,24 +447,18 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
         # Streamed gradients run stage 3's partition_grads one partition at a time, so its
         # fp32 copies list holds one partition's copy, freed when that call ends.
         per_partition = not stock and any(grads_streamed)
-        if per_partition:
-            allocs = [min(ds.reduce_bucket_size, max(parts)) * 4]
-        else:  # one fp32 copy per partition of the fullest bucket, alive until its swap-out
-            bucket = max(_buckets(full, ds.reduce_bucket_size),
-                         key=lambda b: sum(parts[i] for i in b))
-            allocs = [parts[i] * 4 for i in bucket]
+        allocs = [min(ds.reduce_bucket_size, max(parts)) * 4] if per_partition else \
+            sz.ds_fp32_gradient_copy_allocations(full, parts, ds.reduce_bucket_size)
         label = f"fp32 gradient copies of one {'partition' if per_partition else 'bucket'}"
         comps.extend(_freed("fp32_gradient_copies", label, allocs, "backward",
                             "one per partition, freed after the swap-out", heap_at))
         # The streamed drop-in always builds the master piece by piece (fast_init's path).
-        init32 = sz.ds_init_fp32_buffers_bytes(group_totals, in_cpu,
-                                               ds.fast_init or any(streamed)) \
-            if ds.params_on_nvme else 0
+        init32 = sz.ds_init_fp32_buffer_allocations(group_totals, in_cpu,
+                                                    ds.fast_init or any(streamed)) \
+            if ds.params_on_nvme else []
         if init32:
-            top = sorted((n for n, cpu in zip(group_totals, in_cpu) if not cpu),
-                         reverse=True)[:2]
             comps.extend(_freed("init_fp32_buffers", "unpinned fp32 sub-group buffers at "
-                                "initialize", [n * 4 for n in top], "init_fp32_partitions",
+                                "initialize", init32, "init_fp32_partitions",
                                 "two of the largest NVMe-resident sub-groups x 4 B", heap_at))
         if ds.fast_init and not stock and ds.params_on_nvme and not any(streamed):
             comps.append(Component("fast_init_buffers", "fast_init staging leases",
