@@ -10,9 +10,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .errors import (BackendUnavailableError, ChecksumError, ConfigError, KeyNotFoundError,
-                     LeaseReleasedError, MemAscendError, MemoryLockError, NativeUnavailableError,
-                     PoolBusyError, PoolExhaustedError, ShortIOError, StoreLockedError,
-                     SwapIOError)
+                     LeaseReleasedError, MemAscendError, MemoryLockError, MetadataError,
+                     NativeUnavailableError, PoolBusyError, PoolExhaustedError, ShortIOError,
+                     StoreLockedError, SwapIOError)
 from .engine import EngineConfig, EngineStats, IORequest, SwapEngine
 from .handle import SwapHandle, gather
 from .pool import Lease, PinnedPool, PoolConfig, PoolStats
@@ -22,7 +22,7 @@ from .swapper import SwapperConfig, SwapperStats, TensorSwapper
 __all__ = [
     "__version__", "PinnedPool", "PoolConfig", "PoolStats", "Lease", "MemAscendError",
     "ConfigError", "NativeUnavailableError", "PoolExhaustedError", "MemoryLockError",
-    "LeaseReleasedError", "PoolBusyError", "SwapIOError", "ShortIOError", "ChecksumError",
+    "LeaseReleasedError", "PoolBusyError", "SwapIOError", "MetadataError", "ShortIOError", "ChecksumError",
     "KeyNotFoundError", "StoreLockedError", "BackendUnavailableError", "SwapEngine",
     "EngineConfig", "EngineStats", "IORequest", "SwapHandle", "gather", "SwapStore",
     "StoreConfig", "StoreStats", "TensorSwapper", "SwapperConfig", "SwapperStats",

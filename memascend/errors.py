@@ -7,6 +7,8 @@ limit, the tensor key, the file, the offset.
 """
 from __future__ import annotations
 
+import errno as _errno
+
 
 class MemAscendError(Exception):
     """Base class of all memascend errors."""
@@ -72,6 +74,18 @@ class SwapIOError(MemAscendError, OSError):
             if v is not None
         )
         return f"[Errno {self.errno}] {self.strerror}" + (f" ({where})" if where else "")
+
+
+class MetadataError(SwapIOError):
+    """Metadata on disk (a store's manifest or journal, a checkpoint's state file) is damaged,
+    of the wrong shape, or cannot be kept consistent; names the file and the byte offset.
+
+    Its errno is EIO unless the failure that caused it had its own (e.g. ENOSPC).
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int | None = None,
+                 nbytes: int | None = None, key: str | None = None, code: int = _errno.EIO):
+        super().__init__(code, message, path=path, offset=offset, nbytes=nbytes, key=key)
 
 
 class ShortIOError(SwapIOError):

@@ -1,25 +1,44 @@
 """The swap store's manifest: which key lives in which extent, surviving close and crashes.
 
-Two files in the store's metadata folder: ``manifest.json``, a snapshot written to a temporary
-file, fsync'ed and renamed over the old one (atomic), and ``journal.log``, where every change
-since that snapshot is appended as one line ``<json>\\t<crc32 hex>`` with a sequence number.
-A line is appended only after the tensor's bytes are completely written, so after a crash
-reopening replays the snapshot and the journal and yields, for every key, either its old or
-its new version — never a torn one. Lines are appended in completion order, so replay applies
-a record only if its sequence number is above the last applied for the same key. A torn last
-line (crash during the append) fails its CRC and is dropped. Compaction writes a new snapshot and empties the journal; lines whose
-sequence number the snapshot already covers are skipped, so a crash between the two steps is
-harmless.
+Two files in the store's metadata folder (0700; files 0600): ``manifest.json``, a snapshot
+replaced atomically (:func:`memascend.files.write_atomic`), and ``journal.log``, where every
+change since that snapshot is appended as one line ``<json>\\t<crc32 hex>\\n`` with a
+sequence number. A line is appended only after the tensor's bytes are completely written, so
+after a crash reopening replays the snapshot and the journal and yields, for every key,
+either its old or its new version, never a torn one. Lines are appended in completion order,
+so replay applies a record only if its sequence number is above the last applied for the
+same key. Compaction writes a new snapshot and empties the journal; lines whose sequence
+number the snapshot already covers are skipped, so a crash between the two steps is harmless.
+
+Appends are all-or-nothing as replay sees them. A short or failed append is cut back to the
+last good record before anything else is appended; if even that fails, the manifest refuses
+every further append (:attr:`Manifest.broken`) rather than acknowledge records that a reopen
+would never reach. Replay therefore knows two kinds of bad bytes:
+
+- a **torn tail**: bytes after the last newline (an append cut short by a crash; a line is
+  written whole and its only newline is its last byte). It is dropped and cut off the file.
+- **damage**: a complete line that fails its CRC or is not a record, anywhere in the journal,
+  or a snapshot that is not the document it should be. Opening fails with
+  :class:`~memascend.errors.MetadataError` naming the file and the byte offset: a store never
+  opens silently smaller than it was.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional
 
+from .errors import MetadataError
+from .files import private_dirs, private_open, write_atomic
+
 FORMAT = 1
+
+# Indirections so tests can inject short and failed appends and a failing undo.
+_write = os.write
+_truncate = os.ftruncate
 
 
 @dataclass(frozen=True)
@@ -41,20 +60,32 @@ class Entry:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Entry":
-        """Inverse of :meth:`to_json`."""
-        shape = d.get("shape")
-        return cls(key=d["key"], offset=int(d["offset"]), nbytes=int(d["nbytes"]),
-                   dtype=d.get("dtype"), shape=tuple(shape) if shape is not None else None,
-                   crc=d.get("crc"), seq=int(d["seq"]))
+    def from_json(cls, d: Any) -> "Entry":
+        """Inverse of :meth:`to_json`.
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        Raises
+        ------
+        ValueError
+            ``d`` is not an entry (missing fields, wrong types, negative sizes).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"an entry must be an object, got {type(d).__name__}")
+        try:
+            key, offset, nbytes, seq = d["key"], d["offset"], d["nbytes"], d["seq"]
+            shape, dtype, crc = d.get("shape"), d.get("dtype"), d.get("crc")
+        except KeyError as exc:
+            raise ValueError(f"an entry lacks {exc.args[0]!r}") from None
+        ints = (offset, nbytes, seq)
+        if not isinstance(key, str) or not key or \
+                any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints) or \
+                nbytes == 0 or offset % 4096 or \
+                (dtype is not None and not isinstance(dtype, str)) or \
+                (crc is not None and (not isinstance(crc, int) or isinstance(crc, bool))) or \
+                (shape is not None and (not isinstance(shape, list) or
+                                        any(not isinstance(s, int) or s < 0 for s in shape))):
+            raise ValueError(f"not a valid entry: {json.dumps(d)[:200]}")
+        return cls(key=key, offset=offset, nbytes=nbytes, dtype=dtype,
+                   shape=tuple(shape) if shape is not None else None, crc=crc, seq=seq)
 
 
 class Manifest:
@@ -63,86 +94,125 @@ class Manifest:
     Parameters
     ----------
     folder:
-        The metadata folder (created if missing).
+        The metadata folder (created 0700 if missing).
     """
 
     def __init__(self, folder: str):
         self.folder = folder
-        os.makedirs(folder, exist_ok=True)
+        private_dirs(folder)
         self.snapshot_path = os.path.join(folder, "manifest.json")
         self.journal_path = os.path.join(folder, "journal.log")
         self.dropped_lines = 0
+        self.broken: Optional[MetadataError] = None  # set when an append could not be undone
         self._journal_fd = -1
+        self._good_end = 0  # journal bytes up to the end of its last good record
+
+    # ---- reading ----
+    def _damaged(self, path: str, offset: int, what: str) -> MetadataError:
+        hint = (f"; to open the store with only what the snapshot holds, move {path} aside "
+                "(keys written since the snapshot are then lost)"
+                if path == self.journal_path else "")
+        return MetadataError(
+            f"{what} in {path} at byte offset {offset}: the store's metadata is damaged and "
+            "opening it would lose keys silently. Restore the folder from a backup or start "
+            f"from a checkpoint{hint}", path=path, offset=offset)
+
+    def _load_snapshot(self) -> tuple[dict[str, Entry], dict[str, Any], int]:
+        entries: dict[str, Entry] = {}
+        try:
+            with open(self.snapshot_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return entries, {}, 0
+        path = self.snapshot_path
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise self._damaged(path, getattr(exc, "pos", 0), f"not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise self._damaged(path, 0, f"a {type(doc).__name__} instead of a manifest object")
+        if doc.get("format") != FORMAT:
+            raise self._damaged(path, 0, f"unknown manifest format {doc.get('format')!r} "
+                                         f"(this version reads {FORMAT})")
+        body = doc.get("entries")
+        if not isinstance(body, list) or doc.get("crc") != zlib.crc32(
+                json.dumps(body, sort_keys=True).encode()):
+            raise self._damaged(path, 0, "entries missing or failing their checksum")
+        header, seq = doc.get("header", {}), doc.get("seq", 0)
+        if not isinstance(header, dict) or not isinstance(seq, int) or seq < 0:
+            raise self._damaged(path, 0, "a header or sequence number of the wrong type")
+        for i, d in enumerate(body):
+            try:
+                e = Entry.from_json(d)
+            except ValueError as exc:
+                raise self._damaged(path, 0, f"entry {i}: {exc}") from None
+            entries[e.key] = e
+        return entries, header, seq
 
     def load(self) -> tuple[dict[str, Entry], dict[str, Any], int]:
         """Read snapshot and journal: ``(entries, header, last_seq)``.
 
-        A torn or corrupt journal tail is dropped (counted in ``dropped_lines``) and cut off
-        the file so new appends start clean.
+        A torn journal tail is dropped (counted in ``dropped_lines``) and cut off the file so
+        new appends start clean; a stale snapshot temporary is removed.
 
         Raises
         ------
-        ValueError
-            The snapshot itself is corrupt or of an unknown format.
+        MetadataError
+            The snapshot or a complete journal line is damaged or of the wrong shape (names
+            the file and the byte offset).
+        OSError
+            The files cannot be read.
         """
-        entries: dict[str, Entry] = {}
-        header: dict[str, Any] = {}
-        seq = 0
-        if os.path.exists(self.snapshot_path):
-            with open(self.snapshot_path, encoding="utf-8") as f:
-                doc = json.load(f)
-            body = json.dumps(doc.get("entries"), sort_keys=True)
-            if doc.get("format") != FORMAT or doc.get("crc") != zlib.crc32(body.encode()):
-                raise ValueError(f"corrupt or unknown manifest {self.snapshot_path}")
-            header = doc.get("header", {})
-            seq = int(doc.get("seq", 0))
-            for d in doc["entries"]:
-                e = Entry.from_json(d)
-                entries[e.key] = e
-        good_end = 0
+        try:
+            os.unlink(self.snapshot_path + ".tmp")  # a compaction that never finished
+        except FileNotFoundError:
+            pass
+        entries, header, seq = self._load_snapshot()
         snap_seq = seq
         # Records are appended in completion order, not sequence order: a record applies when
         # it is newer than the snapshot and than the last record of the same key.
         key_seq = {k: e.seq for k, e in entries.items()}
-        if os.path.exists(self.journal_path):
+        try:
             with open(self.journal_path, "rb") as f:
                 data = f.read()
-            pos = 0
-            for line in data.split(b"\n"):
-                end = pos + len(line) + 1
-                if end > len(data):  # no newline: torn last line
-                    if line:
-                        self.dropped_lines += 1
-                    break
-                rec = self._parse(line)
-                if rec is None:
-                    self.dropped_lines += 1
-                    break
-                rseq = int(rec["seq"])
-                if rseq > snap_seq:
-                    if rec["op"] == "put":
-                        e = Entry.from_json(rec["entry"])
-                        if rseq > key_seq.get(e.key, 0):
-                            entries[e.key] = e
-                            key_seq[e.key] = rseq
-                    elif rec["op"] == "del":
-                        if rseq > key_seq.get(rec["key"], 0):
-                            entries.pop(rec["key"], None)
-                            key_seq[rec["key"]] = rseq
-                    elif rec["op"] == "header":
-                        header.update(rec["header"])
-                seq = max(seq, rseq)
-                good_end = end
-                pos = end
-            if good_end < len(data):
-                with open(self.journal_path, "r+b") as f:
-                    f.truncate(good_end)
+        except FileNotFoundError:
+            data = b""
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl < 0:  # torn tail: an append cut short by a crash
+                self.dropped_lines += 1
+                break
+            rec = self._parse(data[pos:nl])
+            if rec is None:
+                raise self._damaged(self.journal_path, pos, "a journal record that fails its "
+                                    "checksum or is not a record")
+            rseq = rec["seq"]
+            if rseq > snap_seq:
+                if rec["op"] == "put":
+                    e = rec["entry"]
+                    if rseq > key_seq.get(e.key, 0):
+                        entries[e.key] = e
+                        key_seq[e.key] = rseq
+                elif rec["op"] == "del":
+                    if rseq > key_seq.get(rec["key"], 0):
+                        entries.pop(rec["key"], None)
+                        key_seq[rec["key"]] = rseq
+                else:  # header
+                    header.update(rec["header"])
+            seq = max(seq, rseq)
+            pos = nl + 1
+        if pos < len(data):
+            with open(self.journal_path, "r+b") as f:
+                f.truncate(pos)
+        self._good_end = pos
         return entries, header, seq
 
     @staticmethod
     def _parse(line: bytes) -> Optional[dict[str, Any]]:
+        """The record on ``line``, validated; None when the line is not one."""
         body, sep, crc = line.rpartition(b"\t")
-        if not sep:
+        if not sep or len(crc) != 8:
             return None
         try:
             if int(crc, 16) != zlib.crc32(body):
@@ -150,18 +220,76 @@ class Manifest:
             rec = json.loads(body)
         except ValueError:
             return None
-        return rec if isinstance(rec, dict) and "seq" in rec and "op" in rec else None
+        if not isinstance(rec, dict):
+            return None
+        seq, op = rec.get("seq"), rec.get("op")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            return None
+        try:
+            if op == "put":
+                rec["entry"] = Entry.from_json(rec.get("entry"))
+            elif op == "del":
+                if not isinstance(rec.get("key"), str):
+                    return None
+            elif op == "header":
+                if not isinstance(rec.get("header"), dict):
+                    return None
+            else:
+                return None
+        except ValueError:
+            return None
+        return rec
+
+    # ---- writing ----
+    def _journal(self) -> int:
+        if self._journal_fd < 0:
+            fd = private_open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+            self._good_end = os.fstat(fd).st_size
+            self._journal_fd = fd
+        return self._journal_fd
 
     def append(self, rec: dict[str, Any]) -> None:
-        """Append one record (``seq`` and ``op`` set by the caller) as a single write."""
-        if self._journal_fd < 0:
-            self._journal_fd = os.open(self.journal_path,
-                                       os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        """Append one record (``seq`` and ``op`` set by the caller), all or nothing.
+
+        Raises
+        ------
+        OSError
+            The append failed (e.g. ENOSPC) and was cut back: the journal is as before and
+            the manifest stays usable.
+        MetadataError
+            The manifest is :attr:`broken`: an earlier append failed and could not be cut
+            back, so nothing more may be appended (reopen the store).
+        """
+        if self.broken is not None:
+            raise self.broken
         body = json.dumps(rec, sort_keys=True).encode()
         line = body + b"\t" + format(zlib.crc32(body), "08x").encode() + b"\n"
-        n = os.write(self._journal_fd, line)
-        if n != len(line):
-            raise OSError(5, f"short append to {self.journal_path}: {n} of {len(line)} bytes")
+        fd = self._journal()
+        done = 0
+        try:
+            while done < len(line):  # a short write is continued; its errno, if any, wins
+                n = _write(fd, line[done:])
+                if n <= 0:
+                    raise OSError(errno.EIO, "write returned 0")
+                done += n
+            self._good_end += done
+            return
+        except OSError as exc:
+            failure = exc
+        try:
+            _truncate(fd, self._good_end)
+        except OSError as exc:
+            self.broken = MetadataError(
+                f"an append to {self.journal_path} failed ({failure}) after {done} of "
+                f"{len(line)} bytes and could not be cut back to its last good record at "
+                f"offset {self._good_end} ({exc}): the store takes no more writes; reopen it "
+                "(replay drops the torn record)", path=self.journal_path,
+                offset=self._good_end, nbytes=len(line), code=failure.errno or errno.EIO)
+            raise self.broken from failure
+        raise OSError(failure.errno or errno.EIO,
+                      f"append to {self.journal_path} failed after {done} of {len(line)} "
+                      f"bytes ({failure.strerror or failure}); cut back to offset "
+                      f"{self._good_end}") from failure
 
     def sync(self) -> None:
         """fsync the journal."""
@@ -170,22 +298,23 @@ class Manifest:
 
     def compact(self, entries: Iterator[Entry] | list[Entry], header: dict[str, Any],
                 seq: int) -> None:
-        """Write a snapshot of ``entries`` atomically, then empty the journal."""
+        """Write a snapshot of ``entries`` atomically, then empty the journal.
+
+        Raises
+        ------
+        OSError
+            The snapshot could not be written (e.g. ENOSPC): the old snapshot and the journal
+            are unchanged and still describe the store.
+        """
         body = [e.to_json() for e in sorted(entries, key=lambda e: e.key)]
         doc = {"format": FORMAT, "seq": seq, "header": header, "entries": body,
                "crc": zlib.crc32(json.dumps(body, sort_keys=True).encode())}
-        tmp = self.snapshot_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.snapshot_path)
-        _fsync_dir(self.folder)
-        if self._journal_fd >= 0:
-            os.close(self._journal_fd)
-            self._journal_fd = -1
-        with open(self.journal_path, "wb") as f:
-            os.fsync(f.fileno())
+        write_atomic(self.snapshot_path, json.dumps(doc).encode())
+        fd = self._journal()
+        os.ftruncate(fd, 0)
+        os.fsync(fd)
+        self._good_end = 0
+        self.broken = None  # the snapshot holds everything: the torn record is gone
 
     def close(self) -> None:
         """Close the journal descriptor."""

@@ -21,27 +21,27 @@ to two swap tiers and returns an :class:`OffloadedModel` that drives training:
   fp32 training is bitwise identical to ``torch.optim.AdamW(foreach=False)`` in memory.
 
 The two swap tiers are scratch space (``durable=False``: safe against a killed process, not
-power loss, and no fsync per step); durability comes from checkpoints. Pinned memory is
-bounded by the two swappers' budgets. Checkpoints (:meth:`save` /
-:meth:`load`) are written to a temporary folder and renamed, so a crash leaves the last
-checkpoint intact.
+power loss, and no fsync per step; opened with ``reset=True``: whatever an earlier process left
+in ``swap_dir`` is discarded); durability comes from checkpoints. Pinned memory is
+bounded by the two swappers' budgets. Checkpoints (:meth:`save` / :meth:`load`, see
+:mod:`memascend.checkpoint`) survive a crash at any point of a save.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.optim.adamw as _torch_adamw
 
+from . import checkpoint
 from .config import parse_size
 from .engine import SwapEngine
-from .errors import ConfigError, MemAscendError
+from .errors import ConfigError, MemAscendError, MetadataError
+from .files import private_dirs
 from .extents import round_up
 from .overflow import has_inf_or_nan as _has_inf_or_nan
 from .pool import PinnedPool
@@ -184,7 +184,7 @@ class OffloadedModel:
         budget_b = parse_size("budget", budget)
         opt_b = parse_size("optimizer_budget", optimizer_budget) if optimizer_budget else budget_b
         _check_budgets(model, budget_b, opt_b, compute_dtype)
-        os.makedirs(self.swap_dir, exist_ok=True)
+        private_dirs(self.swap_dir)
         self._own_engine = engine is None
         self.engine = engine or SwapEngine()
         self._own_pool = pool is None
@@ -194,10 +194,10 @@ class OffloadedModel:
         try:
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
                                                     engine=self.engine, pool=self.pool,
-                                                    durable=False))
+                                                    durable=False, reset=True))
             self.optim_store = self._open(SwapStore(os.path.join(self.swap_dir, "optim.swp"),
                                                     engine=self.engine, pool=self.pool,
-                                                    durable=False))
+                                                    durable=False, reset=True))
             self.params_sw = self._open(TensorSwapper(self.param_store, budget_bytes=budget_b))
             # The step reads ahead itself (it knows its order); the learned plan would wrap
             # into the next pass and read gradients that backward rewrites first.
@@ -459,57 +459,71 @@ class OffloadedModel:
                 "params": {n: list(s) for n, s in self._shapes.items()}}
 
     def save(self, path: str) -> None:
-        """Write a checkpoint folder (atomically: a temporary folder renamed at the end)."""
+        """Write a checkpoint folder at ``path`` (see :mod:`memascend.checkpoint`: a crash at
+        any point leaves the previous or the new checkpoint loadable from ``path``).
+
+        Raises
+        ------
+        MemAscendError
+            Called between ``backward()`` and ``step()``.
+        SwapIOError
+            Writing failed (e.g. ENOSPC); the previous checkpoint is unchanged.
+        """
         if self._has_grad:
             raise MemAscendError("save() between backward() and step(): accumulated gradients "
                                  "are not part of a checkpoint; call step() or zero_grad()")
         self.params_sw.wait_idle()
         self.optim_sw.wait_idle()
-        path = os.path.abspath(path)
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for store, fname in ((self.param_store, "params.swp"), (self.optim_store, "optim.swp")):
-            store.export(os.path.join(tmp, fname))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(self._state(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        checkpoint.save(path, {"params.swp": self.param_store, "optim.swp": self.optim_store},
+                        self._state())
 
     def load(self, path: str) -> None:
-        """Restore a checkpoint written by :meth:`save` (same model structure).
+        """Restore a checkpoint written by :meth:`save` (same model structure). Everything is
+        checked before the live tiers change.
 
         Raises
         ------
+        MetadataError
+            No checkpoint at ``path``, or its state or a tier is damaged or incomplete (the
+            error names the file).
         MemAscendError
             The checkpoint does not match this model.
         """
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
+        folder, state, entries = checkpoint.read(path, ("params.swp", "optim.swp"))
+
+        def field(name: str, kind: Any) -> Any:
+            return checkpoint.field(state, name, kind, folder)
+
         want = {n: list(s) for n, s in self._shapes.items()}
-        if state["params"] != want:
-            raise MemAscendError(f"checkpoint {path} is for a different model (parameters "
+        if field("params", dict) != want:
+            raise MemAscendError(f"checkpoint {folder} is for a different model (parameters "
                                  "or shapes differ)")
-        if state["compute_dtype"] != str(self.compute_dtype).replace("torch.", ""):
-            raise MemAscendError(f"checkpoint {path} was trained in {state['compute_dtype']}")
+        if field("compute_dtype", str) != str(self.compute_dtype).replace("torch.", ""):
+            raise MemAscendError(f"checkpoint {folder} was trained in {state['compute_dtype']}")
+        steps, has_state = field("steps", dict), field("has_state", list)
+        counters = {k: field(k, (int, float)) for k in ("step_count", "loss_scale",
+                                                        "good_steps", "skipped_steps")}
+        need = {"params.swp": [f"p/{n}" for n in self._params],
+                "optim.swp": [f"master/{n}" for n in self._params] +
+                [f"{k}/{n}" for n in has_state for k in ("m", "v")]}
+        for tier, keys in need.items():
+            missing = [k for k in keys if k not in entries[tier]]
+            if missing or any(not isinstance(steps.get(n), (int, float)) for n in self._params):
+                raise MetadataError(f"checkpoint {folder} is incomplete: tier {tier} lacks "
+                                    f"{missing[:4]} or the state lacks step counts",
+                                    path=os.path.join(folder, tier))
         self.params_sw.wait_idle()
         self.optim_sw.wait_idle()
         for store, sw, fname in ((self.param_store, self.params_sw, "params.swp"),
                                  (self.optim_store, self.optim_sw, "optim.swp")):
             sw.drop_resident()
-            store.import_from(os.path.join(path, fname))
-        self.step_count = state["step_count"]
-        self.loss_scale = state["loss_scale"]
-        self._good_steps = state["good_steps"]
-        self.skipped_steps = state["skipped_steps"]
-        self._steps = {n: torch.tensor(float(state["steps"][n])) for n in self._params}
-        self._has_state = set(state["has_state"])
+            store.import_from(os.path.join(folder, fname))
+        self.step_count = int(counters["step_count"])
+        self.loss_scale = float(counters["loss_scale"])
+        self._good_steps = int(counters["good_steps"])
+        self.skipped_steps = int(counters["skipped_steps"])
+        self._steps = {n: torch.tensor(float(steps[n])) for n in self._params}
+        self._has_state = set(has_state)
         self._has_grad.clear()
 
     # ---- lifecycle ----

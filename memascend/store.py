@@ -10,8 +10,14 @@ Safety rules:
   written, and the old extent is not reused before the next :meth:`sync`. After a crash,
   reopening gives the old or the new version of each key, never a torn one. The price: an
   overwrite needs room for both versions at once.
-- ENOSPC (file growth or write) raises :class:`~memascend.errors.SwapIOError` naming key,
-  path, offset and size; the source tensor is untouched and every stored key stays readable.
+- ENOSPC (file growth, write or journal append) raises
+  :class:`~memascend.errors.SwapIOError` naming key, path, offset and size; the source tensor
+  is untouched and every stored key stays readable. A write is acknowledged only once its
+  journal record is whole (:mod:`memascend.manifest`), so a reopen never loses one.
+- Damaged metadata (a journal line failing its CRC, a manifest of the wrong shape, a key
+  past the end of the area) fails the open with :class:`~memascend.errors.MetadataError`
+  naming the file and offset, never a silently smaller store. Metadata files are 0600 in a
+  0700 folder.
 - With ``checksum="crc32c"`` (default) every read is verified; a mismatch raises
   :class:`~memascend.errors.ChecksumError` naming the key.
 - I/O is O_DIRECT: buffers, offsets and lengths aligned to 4096. Pool leases are used as they
@@ -27,116 +33,21 @@ import os
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from . import _native
-from .config import from_env, parse_size, resolve
+from .config import resolve
 from .engine import SwapEngine
-from .errors import (ChecksumError, ConfigError, KeyNotFoundError, StoreLockedError,
-                     SwapIOError)
+from .errors import (ChecksumError, ConfigError, KeyNotFoundError, MetadataError,
+                     StoreLockedError, SwapIOError)
 from .extents import ALIGN, ExtentAllocator, round_up
+from .files import private_open
 from .handle import SwapHandle
 from .manifest import Entry, Manifest
 from .pool import Lease, PinnedPool
+from .store_config import StoreConfig, StoreStats
 
-CHECKSUMS = ("crc32c", "none")
-DIRECT = ("auto", "on", "off")
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Options of a :class:`SwapStore` (environment: ``MEMASCEND_STORE_<FIELD>``).
-
-    Attributes
-    ----------
-    capacity:
-        Most bytes the swap area may take (default: whatever the filesystem gives; for a
-        block device, its size).
-    checksum:
-        ``"crc32c"`` (default; verified on every read) or ``"none"``.
-    direct:
-        O_DIRECT: ``"auto"`` (default; falls back to buffered I/O where the filesystem
-        refuses it, e.g. tmpfs, and says so in ``store.direct``), ``"on"`` (error instead),
-        ``"off"``.
-    grow_bytes:
-        Growth step of a file-backed area (default 256 MiB).
-    sync_slack:
-        An overwritten key's old extent is reused only after an fsync (crash safety). Such
-        extents are reclaimed with one fsync once they exceed ``sync_slack`` × the stored
-        bytes (and ``grow_bytes``); until then the area grows instead. Default 1.0: the area
-        may reach about twice the stored bytes, and a training step that rewrites its whole
-        state costs about one fsync instead of one per ``grow_bytes`` written. When growing
-        fails (full disk, ``capacity``) quarantined space is always reclaimed first.
-    durable:
-        ``True`` (default): reclaiming fsyncs the area and the journal first, so a power loss
-        or OS crash leaves every key at its old or new version. ``False``: no fsync; still
-        safe against a killed process (completed O_DIRECT writes and journal appends are in
-        the kernel), not against power loss. For scratch tiers whose durable copy is a
-        checkpoint (``offload_model`` uses it): on a virtio disk here each fsync of a training
-        step's writes took 0.5 s.
-    bounce_bytes:
-        Chunk size for bouncing unaligned memory through aligned leases (default 8 MiB).
-    meta_dir:
-        Metadata folder (manifest, journal, lock). Default ``<path>.meta``; required for a
-        block device.
-    """
-
-    capacity: Optional[int] = None
-    checksum: str = "crc32c"
-    direct: str = "auto"
-    grow_bytes: int = 256 << 20
-    sync_slack: float = 1.0
-    durable: bool = True
-    bounce_bytes: int = 8 << 20
-    meta_dir: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.checksum not in CHECKSUMS:
-            raise ConfigError("checksum", f"must be one of {CHECKSUMS}, got {self.checksum!r}")
-        if self.direct not in DIRECT:
-            raise ConfigError("direct", f"must be one of {DIRECT}, got {self.direct!r}")
-        if self.capacity is not None:
-            object.__setattr__(self, "capacity", round_up(parse_size("capacity", self.capacity)))
-        slack = float(self.sync_slack)
-        if not 0 <= slack <= 16:
-            raise ConfigError("sync_slack", f"must be in [0, 16], got {self.sync_slack}")
-        object.__setattr__(self, "sync_slack", slack)
-        for key in ("grow_bytes", "bounce_bytes"):
-            v = parse_size(key, getattr(self, key))
-            if v < ALIGN:
-                raise ConfigError(key, f"must be at least {ALIGN} bytes, got {v}")
-            object.__setattr__(self, key, round_up(v))
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> "StoreConfig":
-        """Defaults, then ``MEMASCEND_STORE_*`` variables, then ``overrides`` (not None)."""
-        return from_env(cls, "STORE", overrides)
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    """A snapshot of a store's counters (bytes unless named otherwise)."""
-
-    keys: int
-    area_bytes: int
-    used_bytes: int
-    free_bytes: int
-    quarantined_bytes: int
-    stored_bytes: int
-    writes: int
-    reads: int
-    write_errors: int
-    read_errors: int
-    checksum_failures: int
-    bounced_bytes: int
-    syncs: int
-    direct: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """The snapshot as a plain dict."""
-        return dataclasses.asdict(self)
-
+__all__ = ["SwapStore", "StoreConfig", "StoreStats", "crc32c", "read_export", "place_entries"]
 
 def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
     """CRC32C of ``nbytes`` at ``address`` (native, GIL released)."""
@@ -191,6 +102,77 @@ def _memory_of(obj: Any, writable: bool) -> tuple[int, int, Optional[int], Any, 
     return int(ffi.cast("uintptr_t", cbuf)), mv.nbytes, None, (mv, cbuf), None, None
 
 
+def _keyed(err: MetadataError, key: str) -> MetadataError:
+    """``err`` naming the key whose change it refused."""
+    if err.key == key:
+        return err
+    out = MetadataError(err.strerror, path=err.path or "", offset=err.offset,
+                        nbytes=err.nbytes, key=key, code=err.errno or errno.EIO)
+    out.__cause__ = err
+    return out
+
+
+def place_entries(alloc: ExtentAllocator, entries: Iterable[Entry], area: str,
+                  meta: str) -> dict[str, Entry]:
+    """Reserve every entry's extent in ``alloc``; the table of them by key.
+
+    Raises
+    ------
+    MetadataError
+        An entry lies past the end of the area (the area file was truncated or replaced while
+        its metadata folder was kept) or overlaps another: opening would lose keys.
+    """
+    table: dict[str, Entry] = {}
+    for e in sorted(entries, key=lambda e: e.offset):
+        if e.offset + round_up(e.nbytes) > alloc.size:
+            raise MetadataError(
+                f"key {e.key!r} lies at offset {e.offset} ({e.nbytes} bytes), past the end of "
+                f"the swap area {area} ({alloc.size} bytes): the area was truncated or replaced "
+                f"while its metadata ({meta}) was kept; restore both together, or remove both "
+                "to start empty", path=area, offset=e.offset, nbytes=e.nbytes, key=e.key)
+        try:
+            alloc.reserve(e.offset, e.nbytes)
+        except ValueError:
+            raise MetadataError(
+                f"key {e.key!r} at offset {e.offset} ({e.nbytes} bytes) overlaps another key "
+                f"in the metadata of {area} ({meta}): the metadata is damaged", path=area,
+                offset=e.offset, nbytes=e.nbytes, key=e.key) from None
+        table[e.key] = e
+    return table
+
+
+def read_export(src_path: str) -> tuple[dict[str, Entry], int]:
+    """The entries and last sequence number of the store exported to ``src_path``, checked
+    (every entry inside the file, none overlapping) without opening it as a store.
+
+    Raises
+    ------
+    MetadataError
+        ``src_path`` has no metadata folder, or its metadata is damaged.
+    SwapIOError
+        The files cannot be read.
+    """
+    src_path = os.path.abspath(src_path)
+    meta = src_path + ".meta"
+    if not os.path.isdir(meta):
+        raise MetadataError(f"cannot import {src_path}: it has no metadata folder {meta} (not "
+                            "an exported store)", path=src_path, code=errno.ENOENT)
+    try:
+        manifest = Manifest(meta)
+        try:
+            entries, _header, seq = manifest.load()
+        finally:
+            manifest.close()
+        size = os.stat(src_path).st_size // ALIGN * ALIGN
+    except MetadataError:
+        raise
+    except OSError as exc:
+        raise SwapIOError(exc.errno or errno.EIO, f"cannot read the exported store: {exc}",
+                          path=src_path) from exc
+    place_entries(ExtentAllocator(size), entries.values(), src_path, meta)
+    return entries, seq
+
+
 class SwapStore:
     """Tensors by key in one swap area (see the module docstring).
 
@@ -218,7 +200,7 @@ class SwapStore:
 
     def __init__(self, path: str, capacity: Any = None, checksum: Optional[str] = None, *,
                  engine: Optional[SwapEngine] = None, pool: Optional[PinnedPool] = None,
-                 config: Optional[StoreConfig] = None, **options: Any):
+                 config: Optional[StoreConfig] = None, reset: bool = False, **options: Any):
         overrides = dict(options, capacity=capacity, checksum=checksum)
         config = resolve(StoreConfig, "STORE", config, overrides)
         self.config = config
@@ -231,8 +213,7 @@ class SwapStore:
                                           "folder on a filesystem for the manifest")
         self.meta_dir = os.path.abspath(config.meta_dir or self.path + ".meta")
         self._manifest = Manifest(self.meta_dir)
-        self._lock_fd = os.open(os.path.join(self.meta_dir, "lock"), os.O_RDWR | os.O_CREAT,
-                                0o600)
+        self._lock_fd = private_open(os.path.join(self.meta_dir, "lock"), os.O_RDWR)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -241,6 +222,8 @@ class SwapStore:
                                    f"{self.meta_dir}/lock held)") from None
         try:
             self._open_area()
+            if reset:
+                self._reset()
             self._load()
         except BaseException:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -291,15 +274,34 @@ class SwapStore:
             self._device_size = os.lseek(fd, 0, os.SEEK_END) // ALIGN * ALIGN
         else:
             self._device_size = None
+            if os.fstat(fd).st_mode & 0o077:  # ours: tensors are nobody else's to read
+                os.fchmod(fd, 0o600)
+
+    def _reset(self) -> None:
+        """Start empty (``reset=True``; lock held): an empty snapshot, no journal, a file area
+        cut to nothing. Whatever was there, damaged or not, is discarded."""
+        try:
+            if not self._is_block:
+                os.ftruncate(self._fd, 0)
+            self._manifest.compact([], {}, 0)
+        except OSError as exc:
+            raise SwapIOError(exc.errno or errno.EIO, f"cannot reset the swap store: "
+                              f"{exc.strerror or exc}", path=self.path) from exc
 
     def _load(self) -> None:
         try:
             entries, header, seq = self._manifest.load()
-        except (ValueError, OSError) as exc:
-            raise SwapIOError(errno.EIO, f"cannot read the manifest: {exc}",
+        except MetadataError:
+            raise
+        except OSError as exc:
+            raise SwapIOError(exc.errno or errno.EIO, f"cannot read the manifest: {exc}",
                               path=self._manifest.snapshot_path) from exc
+        if header.get("importing"):
+            raise MetadataError(
+                f"an import from {header['importing']} into the swap store {self.path} was "
+                "interrupted: its contents are partial. Import again, or open it with "
+                "reset=True to start empty", path=self._manifest.snapshot_path)
         self._seq = seq
-        self._table: dict[str, Entry] = {}
         if self._is_block:
             size = self._device_size
             if self.config.capacity:
@@ -307,12 +309,8 @@ class SwapStore:
         else:
             size = os.fstat(self._fd).st_size // ALIGN * ALIGN
         self._alloc = ExtentAllocator(size)
-        for e in sorted(entries.values(), key=lambda e: e.offset):
-            if e.offset + round_up(e.nbytes) > size:
-                self._manifest.dropped_lines += 1  # points past the area: cannot be ours
-                continue
-            self._alloc.reserve(e.offset, e.nbytes)
-            self._table[e.key] = e
+        self._table: dict[str, Entry] = place_entries(self._alloc, entries.values(), self.path,
+                                                      self._manifest.folder)
 
     # ---- helpers ----
     def _err(self, code: int, msg: str, key: Optional[str], offset: Optional[int] = None,
@@ -322,6 +320,15 @@ class SwapStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"swap store {self.path} is closed")
+
+    def _check_writable(self, key: str) -> None:
+        """Refuse a change (lock held) once the journal could not be kept replayable."""
+        broken = self._manifest.broken
+        if broken is not None:
+            raise MetadataError(f"swap store {self.path} takes no more writes: "
+                                f"{broken.strerror}", path=broken.path or "",
+                                offset=broken.offset, key=key,
+                                code=broken.errno or errno.EIO) from broken
 
     def _allocate(self, key: str, nbytes: int) -> int:
         """An extent for ``nbytes`` (store lock held): reuse free space; reclaim quarantined
@@ -400,8 +407,16 @@ class SwapStore:
 
     def _sync_locked(self) -> None:
         if self.config.durable:
-            os.fsync(self._fd)
-            self._manifest.sync()
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise self._err(exc.errno or errno.EIO, f"fsync of the swap area failed: "
+                                f"{exc.strerror}", None) from exc
+            try:
+                self._manifest.sync()
+            except OSError as exc:
+                raise SwapIOError(exc.errno or errno.EIO, f"fsync of the journal failed: "
+                                  f"{exc.strerror}", path=self._manifest.journal_path) from exc
         for off, n in self._quarantine:
             self._alloc.free(off, n)
         self._quarantine.clear()
@@ -428,7 +443,12 @@ class SwapStore:
         Raises
         ------
         SwapIOError
-            No space (ENOSPC) or the area cannot grow; raised at once, nothing changed.
+            No space (ENOSPC) or the area cannot grow; raised at once, nothing changed. The
+            handle fails with one when the write or its journal append fails: the key keeps
+            its previous version, also after a reopen.
+        MetadataError
+            An earlier journal append failed and could not be cut back, so the store takes
+            no more writes (reads still work); reopen it.
         ValueError
             Bad key or source.
         """
@@ -445,6 +465,7 @@ class SwapStore:
         dtype = dtype if dtype is not None else t_dtype
         shape_t = tuple(int(s) for s in shape) if shape is not None else t_shape
         with self._mu:
+            self._check_writable(key)
             offset = self._allocate(key, nbytes)
             self._seq += 1
             seq = self._seq
@@ -488,16 +509,25 @@ class SwapStore:
                     if newer:  # a newer write, or a delete issued after this write, won
                         self._release_extent(entry.offset, entry.nbytes)
                     else:
-                        self._manifest.append({"seq": entry.seq, "op": "put",
-                                               "entry": entry.to_json()})
-                        self._table[entry.key] = entry
-                        self._tombstones.pop(entry.key, None)
-                        if cur is not None:
-                            self._release_extent(cur.offset, cur.nbytes)
-                    self._counts["writes"] += 1
-        except OSError as err:
-            exc = self._err(err.errno or errno.EIO, f"journal append failed: {err}", entry.key,
-                            entry.offset, entry.nbytes)
+                        try:
+                            self._check_writable(entry.key)
+                            self._manifest.append({"seq": entry.seq, "op": "put",
+                                                   "entry": entry.to_json()})
+                        except OSError as err:
+                            # Not acknowledged: the append was cut back (or the manifest
+                            # refuses appends), so no record points at the extent.
+                            self._alloc.free(entry.offset, entry.nbytes)
+                            self._counts["write_errors"] += 1
+                            exc = _keyed(err, entry.key) if isinstance(err, MetadataError) \
+                                else self._err(err.errno or errno.EIO, f"journal append "
+                                               f"failed: {err}", entry.key, entry.offset,
+                                               entry.nbytes)
+                        else:
+                            self._table[entry.key] = entry
+                            self._tombstones.pop(entry.key, None)
+                            if cur is not None:
+                                self._release_extent(cur.offset, cur.nbytes)
+                            self._counts["writes"] += 1
         finally:
             self._end()
         if exc is not None:
@@ -696,19 +726,37 @@ class SwapStore:
         ------
         KeyNotFoundError
             The store does not hold ``key``.
+        SwapIOError
+            The journal append failed (e.g. ENOSPC): ``key`` stays stored.
+        MetadataError
+            The store takes no more changes (see :meth:`write`).
         """
         self._check_open()
         with self._mu:
-            e = self._table.pop(key, None)
+            e = self._table.get(key)
             if e is None:
                 raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r}")
+            self._check_writable(key)
             self._seq += 1
-            self._manifest.append({"seq": self._seq, "op": "del", "key": key})
+            try:
+                self._manifest.append({"seq": self._seq, "op": "del", "key": key})
+            except MetadataError as err:
+                raise _keyed(err, key) from err
+            except OSError as err:  # cut back: the key stays stored
+                raise self._err(err.errno or errno.EIO, f"journal append of the delete "
+                                f"failed: {err}", key, e.offset, e.nbytes) from err
+            del self._table[key]
             self._tombstones[key] = self._seq
             self._release_extent(e.offset, e.nbytes)
 
     def sync(self) -> None:
-        """Make everything written so far durable (fsync data and journal)."""
+        """Make everything written so far durable (fsync data and journal).
+
+        Raises
+        ------
+        SwapIOError
+            fsync failed (e.g. EIO): what was written may not be durable.
+        """
         self._check_open()
         with self._mu:
             self._sync_locked()
@@ -735,7 +783,7 @@ class SwapStore:
         try:
             src = os.open(self.path, os.O_RDONLY)
             try:
-                dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                dst = private_open(dst_path, os.O_WRONLY | os.O_TRUNC)
                 try:
                     os.ftruncate(dst, size)
                     for e in entries:
@@ -761,17 +809,16 @@ class SwapStore:
 
         Raises
         ------
+        MetadataError
+            The source is not an exported store, or its metadata is damaged (this store is
+            unchanged).
         SwapIOError
             The source cannot be read, or this area cannot hold it.
         """
         self._check_open()
         self.wait_idle()
         src_path = os.path.abspath(src_path)
-        try:
-            entries, header, src_seq = Manifest(src_path + ".meta").load()
-        except (OSError, ValueError) as exc:
-            raise self._err(errno.EIO, f"cannot read the manifest of {src_path}: {exc}",
-                            None) from exc
+        entries, src_seq = read_export(src_path)  # damage is found before this area changes
         need = max((e.offset + round_up(e.nbytes) for e in entries.values()), default=0)
         with self._mu:
             if need > self._alloc.size:
@@ -785,6 +832,10 @@ class SwapStore:
                                     f"import: {exc.strerror}", None, nbytes=need) from exc
             size = max(need, self._alloc.size)
             try:
+                # A crash while the extents are copied must not leave a store that opens with
+                # keys whose bytes are half replaced: it opens with an error until re-imported.
+                self._manifest.compact([], {"area_bytes": self._alloc.size,
+                                            "importing": src_path}, self._seq)
                 src = os.open(src_path, os.O_RDONLY)
                 dst = os.open(self.path, os.O_WRONLY)
                 try:
@@ -795,19 +846,28 @@ class SwapStore:
                     os.close(src)
                     os.close(dst)
             except OSError as exc:
-                raise self._err(exc.errno or errno.EIO, f"import from {src_path} failed: {exc}",
-                                None) from exc
-            self._alloc = ExtentAllocator(size)
-            self._table = {}
-            for e in sorted(entries.values(), key=lambda e: e.offset):
-                self._alloc.reserve(e.offset, e.nbytes)
-                self._table[e.key] = e
-            self._quarantine.clear()
-            self._deferred.clear()
-            self._tombstones.clear()
+                # The old contents may be half overwritten: this store now holds nothing.
+                self._replace_table({}, size)
+                raise self._err(exc.errno or errno.EIO, f"import from {src_path} failed: {exc}"
+                                "; the store is empty until an import succeeds", None) from exc
             self._seq = max(self._seq, src_seq) + 1
-            self._table = {k: dataclasses.replace(e, seq=self._seq) for k, e in self._table.items()}
-            self._manifest.compact(list(self._table.values()), {"area_bytes": size}, self._seq)
+            self._replace_table({k: dataclasses.replace(e, seq=self._seq)
+                                 for k, e in entries.items()}, size)
+            try:
+                self._manifest.compact(list(self._table.values()), {"area_bytes": size},
+                                       self._seq)
+            except OSError as exc:
+                raise SwapIOError(exc.errno or errno.EIO, f"import from {src_path}: cannot "
+                                  f"write the manifest snapshot ({exc.strerror or exc}); "
+                                  "import again", path=self._manifest.snapshot_path) from exc
+
+    def _replace_table(self, entries: dict[str, Entry], size: int) -> None:
+        """Hold exactly ``entries`` in an area of ``size`` bytes (lock held, no I/O pending)."""
+        self._alloc = ExtentAllocator(size)
+        self._table = place_entries(self._alloc, entries.values(), self.path, self.meta_dir)
+        self._quarantine.clear()
+        self._deferred.clear()
+        self._tombstones.clear()
 
     def stats(self) -> StoreStats:
         """A snapshot of the counters."""
@@ -825,17 +885,34 @@ class SwapStore:
             return self._mu.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
-        """Wait for in-flight I/O, write a manifest snapshot, release the area. Idempotent."""
+        """Wait for in-flight I/O, write a manifest snapshot, release the area. Idempotent.
+
+        Raises
+        ------
+        SwapIOError
+            The snapshot could not be written (e.g. ENOSPC) or fsync failed. The store is
+            closed all the same, and its journal still holds every stored key: reopening it
+            replays the journal.
+        """
         if self._closed:
             return
         self.wait_idle()
         self._bg.shutdown(wait=True)
+        failure: Optional[SwapIOError] = None
         with self._mu:
             self._closed = True
             try:
                 self._sync_locked()
                 self._manifest.compact(list(self._table.values()),
                                        {"area_bytes": self._alloc.size}, self._seq)
+            except SwapIOError as exc:
+                failure = exc
+            except OSError as exc:
+                failure = SwapIOError(
+                    exc.errno or errno.EIO, f"closing {self.path}: cannot write the manifest "
+                    f"snapshot ({exc.strerror or exc}); the journal still holds every key and "
+                    "the store reopens from it", path=self._manifest.snapshot_path)
+                failure.__cause__ = exc
             finally:
                 self._manifest.close()
                 self.engine.unregister_file(self._file)
@@ -846,6 +923,8 @@ class SwapStore:
             self.engine.close()
         if self._own_pool:
             self.pool.close()
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> "SwapStore":
         return self

@@ -62,6 +62,18 @@ def small_ext4(tmp_path):
     try:
         yield str(mnt)
     finally:
-        _run("umount", str(mnt))
+        _umount(str(mnt))
+
+
+def _umount(mnt: str) -> None:
+    """Unmount, waiting for the kernel to drop files of a killed process (an io_uring
+    instance is torn down asynchronously after its process dies); lazily as a last resort."""
+    import time
+
+    for _ in range(50):
+        if _run("umount", mnt).returncode == 0:
+            return
+        time.sleep(0.1)
+    _run("umount", "-l", mnt)
 
 

@@ -27,6 +27,7 @@ from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import Partitio
 from deepspeed.runtime.swap_tensor.pipelined_optimizer_swapper import (
     ASYNC_SWAP_IN, ASYNC_SWAP_OUT, SYNC_SWAP_IN, SYNC_SWAP_OUT, PipelinedOptimizerSwapper)
 
+from ...files import private_dirs
 from . import state
 from .aio import StoreAioHandle
 from .runtime import runtime
@@ -56,7 +57,7 @@ class _StoreBacked:
     def export_for_checkpoint(self) -> str:
         """Write a consistent copy of the swap area to the exchange folder; returns it."""
         shutil.rmtree(self._exchange, ignore_errors=True)
-        os.makedirs(self._exchange)
+        private_dirs(self._exchange)
         self.store.export(os.path.join(self._exchange, EXPORT_NAME))
         return self._exchange
 
@@ -64,7 +65,7 @@ class _StoreBacked:
         """Empty the exchange folder for DeepSpeed to copy a checkpoint into; the area
         imports it before its next read (:meth:`finish_import`)."""
         shutil.rmtree(self._exchange, ignore_errors=True)
-        os.makedirs(self._exchange)
+        private_dirs(self._exchange)
         self._import_pending = True
         return self._exchange
 

@@ -37,6 +37,7 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import (
 from deepspeed.runtime.swap_tensor.utils import AIO_ALIGNED_BYTES, MIN_AIO_BYTES
 
 from ...errors import ConfigError, MemAscendError
+from ...files import private_dirs
 from ...sizing import ds_param_budget_bytes
 from .aio import StoreAioHandle
 from .runtime import Options, runtime
@@ -60,7 +61,7 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
         self.rt = runtime(self.options, self.aio_config, bool(self.swap_config.pin_memory))
         self.rt.drop_store(self.swap_folder)
         shutil.rmtree(self.swap_folder, ignore_errors=True)
-        os.makedirs(self.swap_folder, exist_ok=True)
+        private_dirs(self.swap_folder)
         self.store = self.rt.store(self.swap_folder)
         self.swap_element_size = torch.tensor([], dtype=self.dtype).element_size()
         self.use_gds = False

@@ -27,6 +27,7 @@ from typing import Any, Optional
 from ...config import parse_size
 from ...engine import SwapEngine
 from ...errors import ConfigError
+from ...files import private_dirs
 from ...heap import DEFAULT_MMAP_THRESHOLD, check_threshold, set_mmap_threshold
 from ...extents import round_up
 from ...pool import Lease, PinnedPool
@@ -176,9 +177,10 @@ class Runtime:
         with self._mu:
             st = self._stores.get(folder)
             if st is None:
-                os.makedirs(folder, exist_ok=True)
+                private_dirs(folder)
                 st = SwapStore(os.path.join(folder, "memascend.swp"), engine=self.engine,
-                               pool=self.pool, durable=False, checksum=self.options.checksum)
+                               pool=self.pool, durable=False, checksum=self.options.checksum,
+                               reset=True)
                 self._stores[folder] = st
             return st
 

@@ -1,0 +1,112 @@
+"""Options and counters of a swap store (:class:`memascend.store.SwapStore`).
+
+``StoreConfig`` is one frozen dataclass with a documented default on every field, validated
+on construction (``ConfigError`` names the key) and overridable from ``MEMASCEND_STORE_*``;
+``StoreStats`` is a frozen snapshot of a store's counters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .config import from_env, parse_size
+from .errors import ConfigError
+from .extents import ALIGN, round_up
+
+CHECKSUMS = ("crc32c", "none")
+DIRECT = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Options of a :class:`SwapStore` (environment: ``MEMASCEND_STORE_<FIELD>``).
+
+    Attributes
+    ----------
+    capacity:
+        Most bytes the swap area may take (default: whatever the filesystem gives; for a
+        block device, its size).
+    checksum:
+        ``"crc32c"`` (default; verified on every read) or ``"none"``.
+    direct:
+        O_DIRECT: ``"auto"`` (default; falls back to buffered I/O where the filesystem
+        refuses it, e.g. tmpfs, and says so in ``store.direct``), ``"on"`` (error instead),
+        ``"off"``.
+    grow_bytes:
+        Growth step of a file-backed area (default 256 MiB).
+    sync_slack:
+        An overwritten key's old extent is reused only after an fsync (crash safety). Such
+        extents are reclaimed with one fsync once they exceed ``sync_slack`` × the stored
+        bytes (and ``grow_bytes``); until then the area grows instead. Default 1.0: the area
+        may reach about twice the stored bytes, and a training step that rewrites its whole
+        state costs about one fsync instead of one per ``grow_bytes`` written. When growing
+        fails (full disk, ``capacity``) quarantined space is always reclaimed first.
+    durable:
+        ``True`` (default): reclaiming fsyncs the area and the journal first, so a power loss
+        or OS crash leaves every key at its old or new version. ``False``: no fsync; still
+        safe against a killed process (completed O_DIRECT writes and journal appends are in
+        the kernel), not against power loss. For scratch tiers whose durable copy is a
+        checkpoint (``offload_model`` uses it): on a virtio disk here each fsync of a training
+        step's writes took 0.5 s.
+    bounce_bytes:
+        Chunk size for bouncing unaligned memory through aligned leases (default 8 MiB).
+    meta_dir:
+        Metadata folder (manifest, journal, lock). Default ``<path>.meta``; required for a
+        block device.
+    """
+
+    capacity: Optional[int] = None
+    checksum: str = "crc32c"
+    direct: str = "auto"
+    grow_bytes: int = 256 << 20
+    sync_slack: float = 1.0
+    durable: bool = True
+    bounce_bytes: int = 8 << 20
+    meta_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.checksum not in CHECKSUMS:
+            raise ConfigError("checksum", f"must be one of {CHECKSUMS}, got {self.checksum!r}")
+        if self.direct not in DIRECT:
+            raise ConfigError("direct", f"must be one of {DIRECT}, got {self.direct!r}")
+        if self.capacity is not None:
+            object.__setattr__(self, "capacity", round_up(parse_size("capacity", self.capacity)))
+        slack = float(self.sync_slack)
+        if not 0 <= slack <= 16:
+            raise ConfigError("sync_slack", f"must be in [0, 16], got {self.sync_slack}")
+        object.__setattr__(self, "sync_slack", slack)
+        for key in ("grow_bytes", "bounce_bytes"):
+            v = parse_size(key, getattr(self, key))
+            if v < ALIGN:
+                raise ConfigError(key, f"must be at least {ALIGN} bytes, got {v}")
+            object.__setattr__(self, key, round_up(v))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "StoreConfig":
+        """Defaults, then ``MEMASCEND_STORE_*`` variables, then ``overrides`` (not None)."""
+        return from_env(cls, "STORE", overrides)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """A snapshot of a store's counters (bytes unless named otherwise)."""
+
+    keys: int
+    area_bytes: int
+    used_bytes: int
+    free_bytes: int
+    quarantined_bytes: int
+    stored_bytes: int
+    writes: int
+    reads: int
+    write_errors: int
+    read_errors: int
+    checksum_failures: int
+    bounced_bytes: int
+    syncs: int
+    direct: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a plain dict."""
+        return dataclasses.asdict(self)
