@@ -49,6 +49,9 @@ from .store_config import StoreConfig, StoreStats
 
 __all__ = ["SwapStore", "StoreConfig", "StoreStats", "crc32c", "read_export", "place_entries"]
 
+GROW_RESERVE_SHARE = 0.05  # speculative growth leaves this share of the filesystem free ...
+GROW_RESERVE_MAX = 1 << 30  # ... or this much, whichever is less
+
 def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
     """CRC32C of ``nbytes`` at ``address`` (native, GIL released)."""
     ffi, lib = _native.require()
@@ -332,13 +335,16 @@ class SwapStore:
 
     def _allocate(self, key: str, nbytes: int) -> int:
         """An extent for ``nbytes`` (store lock held): reuse free space; reclaim quarantined
-        extents (fsync) once they exceed ``sync_slack`` of the stored bytes; else grow; and
-        when growing fails, reclaim whatever is quarantined before giving up."""
+        extents (fsync) once they exceed ``sync_slack`` of the stored bytes, or when the
+        filesystem has no space to spare; else grow; and when growing fails, reclaim
+        whatever is quarantined before giving up."""
         off = self._alloc.alloc(nbytes)
         if off is None and self._quarantine:
             held = sum(n for _, n in self._quarantine)
             stored = self._alloc.used_bytes - held
-            if held >= max(self.config.grow_bytes, self.config.sync_slack * stored):
+            if held >= max(self.config.grow_bytes, self.config.sync_slack * stored) or \
+                    (not self._is_block and self._fs_spare() < round_up(nbytes)):
+                # reclaiming is cheaper than taking space the filesystem cannot spare
                 self._sync_locked()
                 off = self._alloc.alloc(nbytes)
         if off is not None:
@@ -366,7 +372,8 @@ class SwapStore:
         free = self._alloc.free_extents()
         if free and free[-1][0] + free[-1][1] == old:
             tail_free = free[-1][1]
-        new = old + max(self.config.grow_bytes, need - tail_free)
+        must = need - tail_free  # growth this tensor cannot do without
+        new = old + must + self._speculative(must)
         if limit is not None:
             new = min(new, limit)
             if new - old + tail_free < need:
@@ -375,7 +382,7 @@ class SwapStore:
                 raise self._err(errno.ENOSPC, f"store capacity {limit} bytes exhausted: "
                                 f"{self._alloc.used_bytes} used, cannot place {nbytes} bytes"
                                 + hint, key, nbytes=nbytes)
-        minimal = old + need - tail_free
+        minimal = old + must
         while True:
             try:
                 os.posix_fallocate(self._fd, old, new - old)
@@ -387,16 +394,37 @@ class SwapStore:
                 except OSError:
                     pass
                 if exc.errno == errno.ENOSPC and new > minimal:
-                    new = minimal  # a nearly full disk: grow by just what this tensor needs
+                    new = minimal  # the free space shrank meanwhile: just what is needed
                     continue
-                raise self._err(exc.errno or errno.EIO, f"cannot grow swap area from {old} "
-                                f"to {new} bytes: {exc.strerror}", key, offset=old,
-                                nbytes=new - old) from exc
+                raise self._err(exc.errno or errno.EIO, f"cannot grow the swap area from "
+                                f"{old} to {new} bytes (+{new - old}) to place {nbytes} bytes: "
+                                f"{exc.strerror}", key, nbytes=nbytes) from exc
         self._alloc.grow(new)
         off = self._alloc.alloc(nbytes)
         if off is None:  # cannot happen after growing by at least `need`
             raise self._err(errno.ENOSPC, "allocation failed after growth", key, nbytes=nbytes)
         return off
+
+    def _speculative(self, must: int) -> int:
+        """Bytes to grow beyond ``must`` (up to ``grow_bytes`` in all): at most half of the
+        free space left after ``must`` and a reserve (5 % of the filesystem, at most 1 GiB),
+        so that growing ahead never fills the disk for other files, the other tiers' journals
+        or other processes."""
+        extra = self.config.grow_bytes - must
+        if extra <= 0:
+            return 0
+        spare = (self._fs_spare() - must) // 2
+        return max(0, min(extra, spare // ALIGN * ALIGN))
+
+    def _fs_spare(self) -> int:
+        """Free bytes of the area's filesystem beyond the growth reserve (may be negative;
+        0 when it cannot be told)."""
+        try:
+            st = os.fstatvfs(self._fd)
+        except OSError:
+            return 0
+        reserve = min(GROW_RESERVE_MAX, st.f_blocks * st.f_frsize * GROW_RESERVE_SHARE)
+        return int(st.f_bavail * st.f_frsize - reserve)
 
     def _release_extent(self, offset: int, nbytes: int) -> None:
         """An extent no key points to (lock held): quarantined until the next sync."""

@@ -34,7 +34,10 @@ class StoreConfig:
         refuses it, e.g. tmpfs, and says so in ``store.direct``), ``"on"`` (error instead),
         ``"off"``.
     grow_bytes:
-        Growth step of a file-backed area (default 256 MiB).
+        Growth step of a file-backed area (default 256 MiB). The part of a step beyond what
+        the tensor being placed needs is speculative: it takes at most half of the free
+        space left on the filesystem after that tensor and a reserve (5 % of the filesystem,
+        at most 1 GiB), so growing ahead never fills the disk for anyone else.
     sync_slack:
         An overwritten key's old extent is reused only after an fsync (crash safety). Such
         extents are reclaimed with one fsync once they exceed ``sync_slack`` × the stored

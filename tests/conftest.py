@@ -1,15 +1,16 @@
-"""Shared fixtures: pools that are always closed; small swap-file growth for tests."""
+"""Shared fixtures: pools that are always closed; small loop-mounted filesystems.
+
+Swap stores grow with the default step (256 MiB, bounded by the free space) as users' do;
+tests that want a small step say so with ``grow_bytes=``.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 
 import pytest
-
-# Swap stores grow in 256 MiB steps by default; tests make many small stores, so keep each
-# one small (explicit grow_bytes= arguments still win).
-os.environ.setdefault("MEMASCEND_STORE_GROW_BYTES", "4MiB")
 
 from memascend import PinnedPool
 
@@ -45,14 +46,15 @@ def need_root(*tools: str) -> None:
             pytest.skip(f"{t} not installed")
 
 
-@pytest.fixture
-def small_ext4(tmp_path):
-    """A 32 MiB ext4 filesystem on a loop mount."""
+@contextlib.contextmanager
+def loop_ext4(folder, size: int):
+    """An ext4 filesystem of ``size`` bytes loop-mounted under ``folder`` (skips unless root
+    can make and mount one here)."""
     need_root("mkfs.ext4", "mount", "umount")
-    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    img, mnt = folder / "fs.img", folder / "mnt"
     mnt.mkdir()
     with open(img, "wb") as f:
-        f.truncate(32 << 20)
+        f.truncate(size)
     r = _run("mkfs.ext4", "-q", "-F", str(img))
     if r.returncode:
         pytest.skip(f"mkfs.ext4 failed: {r.stderr.strip()}")
@@ -63,6 +65,13 @@ def small_ext4(tmp_path):
         yield str(mnt)
     finally:
         _umount(str(mnt))
+
+
+@pytest.fixture
+def small_ext4(tmp_path):
+    """A 32 MiB ext4 filesystem on a loop mount."""
+    with loop_ext4(tmp_path, 32 << 20) as mnt:
+        yield mnt
 
 
 def _umount(mnt: str) -> None:
