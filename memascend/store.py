@@ -245,7 +245,8 @@ class SwapStore:
         self._deferred: list[tuple[int, int]] = []
         self._quarantine: list[tuple[int, int]] = []
         self._tombstones: dict[str, int] = {}  # key -> seq of its delete
-        self._counts = {"writes": 0, "reads": 0, "write_errors": 0, "read_errors": 0,
+        self._counts = {"writes": 0, "reads": 0, "bytes_written": 0, "bytes_read": 0,
+                        "write_errors": 0, "read_errors": 0,
                         "checksum_failures": 0, "bounced_bytes": 0, "syncs": 0}
         self._closed = False
 
@@ -536,6 +537,8 @@ class SwapStore:
                         self._tombstones.get(entry.key, 0) > entry.seq
                     if newer:  # a newer write, or a delete issued after this write, won
                         self._release_extent(entry.offset, entry.nbytes)
+                        self._counts["writes"] += 1
+                        self._counts["bytes_written"] += entry.nbytes
                     else:
                         try:
                             self._check_writable(entry.key)
@@ -556,6 +559,7 @@ class SwapStore:
                             if cur is not None:
                                 self._release_extent(cur.offset, cur.nbytes)
                             self._counts["writes"] += 1
+                            self._counts["bytes_written"] += entry.nbytes
         finally:
             self._end()
         if exc is not None:
@@ -662,6 +666,8 @@ class SwapStore:
                     (self._quarantine if off == entry.offset else keep_deferred).append((off, nb))
                 self._deferred = keep_deferred
             self._counts["reads"] += 1
+            if exc is None:
+                self._counts["bytes_read"] += entry.nbytes
             if exc is not None:
                 self._counts["read_errors"] += 1
                 if isinstance(exc, ChecksumError):

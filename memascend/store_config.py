@@ -93,7 +93,11 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class StoreStats:
-    """A snapshot of a store's counters (bytes unless named otherwise)."""
+    """A snapshot of a store's counters (bytes unless named otherwise).
+
+    ``writes`` / ``reads`` count completed requests; ``bytes_written`` / ``bytes_read`` the
+    tensor bytes they moved (a ``read_range`` counts its range).
+    """
 
     keys: int
     area_bytes: int
@@ -103,6 +107,8 @@ class StoreStats:
     stored_bytes: int
     writes: int
     reads: int
+    bytes_written: int
+    bytes_read: int
     write_errors: int
     read_errors: int
     checksum_failures: int
