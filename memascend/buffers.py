@@ -7,13 +7,18 @@ A free buffer of another class may serve a request if it is at most ``slack`` (d
 larger: a little internal waste is far cheaper than mapping, populating and locking a new
 arena (about 0.7 ms per MiB). The sum of all leases held — in use and free — never exceeds
 ``budget_bytes``; when a new size is needed and the budget is full, free buffers of other
-sizes are returned to the pool first.
-Deciding what to evict, and waiting, is the swapper's job: this class never blocks.
+sizes are returned to the pool first. A pool capped at a fixed arena (``limit_bytes``, as
+``offload_model`` sets it) may be too fragmented for a request the budget allows: then every
+free buffer goes back so the arena's free space coalesces, and if it still does not fit the
+request is taken from an ``overflow`` pool when there is one (and counted), else refused like
+a full budget. Deciding what to evict, and waiting, is the swapper's
+job: this class never blocks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import PoolExhaustedError
 from .extents import round_up
 from .pool import Lease, PinnedPool
 
@@ -28,6 +33,7 @@ class BufferStats:
     leases_created: int = 0
     leases_reused: int = 0
     leases_returned: int = 0    # given back to the pinned pool to make room
+    overflow_leases: int = 0    # taken from the overflow pool: the capped one was fragmented
 
 
 class BufferPool:
@@ -40,10 +46,15 @@ class BufferPool:
         Where leases come from.
     budget_bytes:
         Most bytes held at once.
+    overflow:
+        Where a lease comes from when ``pool`` is capped (``limit_bytes``) and too fragmented
+        for it even with every free buffer returned (default: nowhere, the request waits).
     """
 
-    def __init__(self, pool: PinnedPool, budget_bytes: int, slack: float = 0.25):
+    def __init__(self, pool: PinnedPool, budget_bytes: int, slack: float = 0.25,
+                 overflow: PinnedPool | None = None):
         self.pool = pool
+        self.overflow = overflow
         self.budget = budget_bytes
         self.slack = slack
         self._free: dict[int, list[Lease]] = {}
@@ -69,7 +80,22 @@ class BufferPool:
             self._shed(self.stats.pinned_bytes + size - self.budget, keep=size)
         if self.stats.pinned_bytes + size > self.budget:
             return None
-        lease = self.pool.lease(size)
+        try:
+            lease = self.pool.lease(size)
+        except PoolExhaustedError as exc:
+            if exc.reason != "limit":
+                raise
+            # A pool capped at its arena (see offload_model) is fragmented: give every free
+            # buffer back so free space coalesces, then try once more; None makes the caller
+            # evict or wait.
+            self.trim()
+            try:
+                lease = self.pool.lease(size)
+            except PoolExhaustedError as exc2:
+                if exc2.reason != "limit" or self.overflow is None:
+                    raise
+                lease = self.overflow.lease(size)  # counted: a mapping outside the arena
+                self.stats.overflow_leases += 1
         self.stats.pinned_bytes += size
         self.stats.pinned_peak = max(self.stats.pinned_peak, self.stats.pinned_bytes)
         self.stats.leases_created += 1

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from .errors import MetadataError
+from .errors import MemAscendError, MetadataError
 from .files import private_dirs, recover_dir, replace_dir, resolve_dir, write_atomic
 from .manifest import Entry
 from .store import SwapStore, read_export
@@ -87,6 +87,44 @@ def read(path: str, tiers: tuple[str, ...]) -> tuple[str, dict[str, Any],
                             "not an object", path=state_path, offset=0)
     entries = {name: read_export(os.path.join(folder, name))[0] for name in tiers}
     return folder, state, entries
+
+
+def check_model(folder: str, state: dict[str, Any], entries: dict[str, dict[str, Entry]], *,
+                shapes: Mapping[str, tuple[int, ...]], compute_dtype: str,
+                fp32_master_in_params: bool) -> dict[str, Any]:
+    """Check an ``offload_model`` checkpoint (from :func:`read`) against the model; its
+    counters, step counts and which parameters have Adam moments.
+
+    ``fp32_master_in_params``: the parameter tier holds the fp32 masters (fp32 compute);
+    otherwise the optimizer tier holds them as ``master/<name>``.
+
+    Raises
+    ------
+    MemAscendError
+        The checkpoint is for another model or compute dtype.
+    MetadataError
+        A field of the state has the wrong type, or a tier lacks a tensor the state needs.
+    """
+    want = {n: list(s) for n, s in shapes.items()}
+    if field(state, "params", dict, folder) != want:
+        raise MemAscendError(f"checkpoint {folder} is for a different model (parameters or "
+                             "shapes differ)")
+    if field(state, "compute_dtype", str, folder) != compute_dtype:
+        raise MemAscendError(f"checkpoint {folder} was trained in {state['compute_dtype']}")
+    out = {k: field(state, k, (int, float), folder)
+           for k in ("step_count", "loss_scale", "good_steps", "skipped_steps")}
+    out["steps"] = steps = field(state, "steps", dict, folder)
+    out["has_state"] = has_state = field(state, "has_state", list, folder)
+    need = {"params.swp": [f"p/{n}" for n in shapes],
+            "optim.swp": ([] if fp32_master_in_params else [f"master/{n}" for n in shapes]) +
+            [f"{k}/{n}" for n in has_state for k in ("m", "v")]}
+    for tier, keys in need.items():
+        missing = [k for k in keys if k not in entries[tier]]
+        if missing or any(not isinstance(steps.get(n), (int, float)) for n in shapes):
+            raise MetadataError(f"checkpoint {folder} is incomplete: tier {tier} lacks "
+                                f"{missing[:4]} or the state lacks step counts",
+                                path=os.path.join(folder, tier))
+    return out
 
 
 def field(state: dict[str, Any], name: str, kind: type | tuple[type, ...], folder: str) -> Any:

@@ -268,7 +268,7 @@ def run_demo(opts: DemoOptions,
     try:
         om = offload_model(model, run_dir, budget=pb, optimizer_budget=ob,
                            optimizer=AdamW(lr=opts.lr, weight_decay=0.0), compute_dtype=dtype,
-                           init=model._init_weights)
+                           init=model._init_weights, accumulation_steps=1)
         gen = torch.Generator().manual_seed(opts.seed)
         losses: list[float] = []
         t0 = time.monotonic()

@@ -7,7 +7,8 @@ sequence number. A line is appended only after the tensor's bytes are completely
 after a crash reopening replays the snapshot and the journal and yields, for every key,
 either its old or its new version, never a torn one. Lines are appended in completion order,
 so replay applies a record only if its sequence number is above the last applied for the
-same key. Compaction writes a new snapshot and empties the journal; lines whose sequence
+same key. A rename (``mv``) moves an entry to another key, extent unchanged. Compaction
+writes a new snapshot and empties the journal; lines whose sequence
 number the snapshot already covers are skipped, so a crash between the two steps is harmless.
 
 Appends are all-or-nothing as replay sees them. A short or failed append is cut back to the
@@ -198,6 +199,18 @@ class Manifest:
                     if rseq > key_seq.get(rec["key"], 0):
                         entries.pop(rec["key"], None)
                         key_seq[rec["key"]] = rseq
+                elif rec["op"] == "mv":  # key -> entry.key, the same extent
+                    e = rec["entry"]
+                    src = entries.get(rec["key"])
+                    if src is None or src.offset != e.offset or src.nbytes != e.nbytes:
+                        raise self._damaged(self.journal_path, pos, f"a rename of "
+                                            f"{rec['key']!r} that does not match its entry")
+                    if rseq > key_seq.get(rec["key"], 0):
+                        del entries[rec["key"]]
+                        key_seq[rec["key"]] = rseq
+                    if rseq > key_seq.get(e.key, 0):
+                        entries[e.key] = e
+                        key_seq[e.key] = rseq
                 else:  # header
                     header.update(rec["header"])
             seq = max(seq, rseq)
@@ -231,6 +244,10 @@ class Manifest:
             elif op == "del":
                 if not isinstance(rec.get("key"), str):
                     return None
+            elif op == "mv":
+                if not isinstance(rec.get("key"), str):
+                    return None
+                rec["entry"] = Entry.from_json(rec.get("entry"))
             elif op == "header":
                 if not isinstance(rec.get("header"), dict):
                     return None

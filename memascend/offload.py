@@ -3,72 +3,58 @@
 ``offload_model(model, swap_dir=..., budget=..., optimizer=AdamW(...))`` moves every parameter
 to two swap tiers and returns an :class:`OffloadedModel` that drives training:
 
-- **parameter tier** (compute dtype, e.g. bf16): a module's parameters are swapped in by a
-  forward pre-hook and released by a forward hook; its outputs are wrapped so that, when
-  gradients flow back into the module, its parameters are swapped in again before its
-  backward runs. Between uses a parameter's ``.data`` is an empty placeholder. Views of a
-  parameter that autograd saves for backward are re-derived from the re-fetched parameter
-  (:mod:`memascend.saved_views`), never read from a buffer that may have been recycled.
-- **gradients** leave through post-accumulate-grad hooks into the optimizer tier in fp32
-  (accumulated there across micro-batches) and the parameter's ``.grad`` is freed at once.
-  In fp16 mode every gradient is checked for inf/nan chunk by chunk as it arrives (the *fused
-  overflow check*: no full-size temporaries); an overflow skips the step and lowers the loss
-  scale.
-- **optimizer tier** (fp32 master weights, AdamW moments, gradients): :meth:`OffloadedModel.step`
-  streams parameter by parameter — read-ahead of the next parameters, the update, and
-  write-behind of the results overlap — and writes the new compute-dtype copy to the
-  parameter tier. The update is ``torch.optim.adamw.adamw`` itself (single-tensor form), so
-  fp32 training is bitwise identical to ``torch.optim.AdamW(foreach=False)`` in memory.
+- **parameter tier** (``p/<name>`` in the compute dtype; in fp32 this *is* the master
+  weight, the only copy): a module's parameters are swapped in by a forward pre-hook and
+  released by a forward hook; its outputs are wrapped so that, when gradients flow back into
+  the module, its parameters are swapped in again before its backward runs
+  (:mod:`memascend.module_hooks`). Between uses a parameter's ``.data`` is an empty
+  placeholder. Views of a parameter that autograd saves for backward are re-derived from the
+  re-fetched parameter (:mod:`memascend.saved_views`), never read from a recycled buffer.
+- **optimizer tier** (fp32: Adam moments ``m``/``v``, accumulated gradients ``g``, and in
+  bf16/fp16 the fp32 master): the AdamW step is fused into backward
+  (:mod:`memascend.fused`): as soon as a parameter's gradient is final, a worker thread updates
+  it in place in the pinned buffers its state was read into and writes it behind, while
+  backward goes on; :meth:`OffloadedModel.step` is the commit point (gradient clipping and the
+  fp16 overflow skip are exact: a speculated update is undone and redone when needed). The
+  update is ``torch.optim.adamw.adamw`` itself (single-tensor form), so fp32 training is
+  bitwise identical to ``torch.optim.AdamW(foreach=False)`` in memory.
 
 The two swap tiers are scratch space (``durable=False``: safe against a killed process, not
 power loss, and no fsync per step; opened with ``reset=True``: whatever an earlier process left
-in ``swap_dir`` is discarded); durability comes from checkpoints. Pinned memory is
-bounded by the two swappers' budgets. Checkpoints (:meth:`save` / :meth:`load`, see
-:mod:`memascend.checkpoint`) survive a crash at any point of a save.
+in ``swap_dir`` is discarded); durability comes from checkpoints (:meth:`save` /
+:meth:`load`, see :mod:`memascend.checkpoint`), which survive a crash at any point of a save.
+Pinned memory is one pool arena per tier, sized to its budget (or what the model needs, if
+less), mapped and locked once: a steady-state step maps and locks nothing new.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
-import torch.optim.adamw as _torch_adamw
 
-from . import checkpoint
+from . import checkpoint, module_hooks
+from .adam import AdamW
 from .config import parse_size
 from .engine import SwapEngine
-from .errors import ConfigError, MemAscendError, MetadataError
+from .errors import ConfigError, MemAscendError, PoolExhaustedError
 from .files import private_dirs
-from .extents import round_up
-from .overflow import has_inf_or_nan as _has_inf_or_nan
+from .fused import FusedAdam
+from .heap import DEFAULT_MMAP_THRESHOLD, check_threshold, set_mmap_threshold
+from .offload_setup import check_budgets, meta_parameters, reset_parameters, tier_pools
+from .overflow import has_inf_or_nan as _has_inf_or_nan  # noqa: F401 - kept importable here
 from .pool import PinnedPool
 from .saved_views import SavedParamViews
-from .sizing import OFFLOAD_DEFAULT_BUDGET
+from .sizing import OFFLOAD_DEFAULT_BUDGET, offload_queue_bytes
 from .store import SwapStore
 from .swapper import TensorSwapper
 
+__all__ = ["AdamW", "LossScaler", "OffloadedModel", "OffloadStats", "offload_model",
+           "meta_parameters"]
+
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class AdamW:
-    """AdamW hyper-parameters (the same meaning and defaults as ``torch.optim.AdamW``)."""
-
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 1e-2
-
-    def __post_init__(self) -> None:
-        if not self.lr >= 0:
-            raise ConfigError("lr", f"must be >= 0, got {self.lr}")
-        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
-            raise ConfigError("betas", f"must be in [0, 1), got {self.betas}")
-        if not self.eps >= 0 or not self.weight_decay >= 0:
-            raise ConfigError("eps" if not self.eps >= 0 else "weight_decay", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -81,68 +67,29 @@ class LossScaler:
     min_scale: float = 1.0
 
 
-class _PreBackward(torch.autograd.Function):
-    """Identity on a module's outputs whose backward first swaps the module's params in."""
+@dataclass(frozen=True)
+class OffloadStats:
+    """A snapshot of an :class:`OffloadedModel`'s counters.
 
-    @staticmethod
-    def forward(ctx, hook, *outputs):  # noqa: D102
-        ctx.hook = hook
-        return tuple(o.detach() for o in outputs)
+    ``steps``: committed optimizer steps; ``paths``: how often each path of the step ran
+    (:class:`memascend.fused.Counts`); ``ssd_read`` / ``ssd_written``: tensor bytes the two
+    tiers moved; ``arenas_mapped`` / ``locked_bytes``: the pinned pool's mappings so far and
+    its locked bytes now; ``pinned_reserved``: bytes the pool has mapped.
+    """
 
-    @staticmethod
-    def backward(ctx, *grads):  # noqa: D102
-        ctx.hook.fetch_for_backward()
-        return (None, *grads)
+    steps: int
+    skipped_steps: int
+    paths: dict[str, Any]
+    ssd_read: int
+    ssd_written: int
+    arenas_mapped: int
+    locked_bytes: int
+    pinned_reserved: int
+    last_grad_norm: Optional[float]
 
-
-class _ModuleHook:
-    """The swap-in/release logic of one module that owns parameters directly."""
-
-    def __init__(self, owner: "OffloadedModel", module: torch.nn.Module, names: list[str]):
-        self.owner = owner
-        self.module = module
-        self.names = names  # keys of the module's direct parameters
-        self.pushed = 0  # saved-tensor hooks pushed by pre_forward, not yet popped
-
-    def params(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
-        for _local, p in self.module._parameters.items():
-            if p is not None:
-                yield self.owner._name_of[id(p)], p
-
-    def pre_forward(self, module, args):
-        self.owner._fetch([name for name, _ in self.params()], hold="fwd")
-        if torch.is_grad_enabled():
-            self.owner._saved.push()
-            self.pushed += 1
-
-    def post_forward(self, module, args, output):
-        # Registered with always_call=True: also runs when forward raised, so the saved-tensor
-        # hooks pushed above are always popped.
-        if self.pushed:
-            self.pushed -= 1
-            self.owner._saved.pop()
-        self.owner._release_fwd([name for name, _ in self.params()])
-        if not torch.is_grad_enabled():
-            return output
-        return _wrap_outputs(self, output)
-
-    def fetch_for_backward(self):
-        self.owner._fetch([name for name, _ in self.params()], hold="bwd")
-
-
-def _wrap_outputs(hook: _ModuleHook, output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        if output.requires_grad:
-            return _PreBackward.apply(hook, output)[0]
-        return output
-    if isinstance(output, tuple) and not hasattr(output, "_fields"):
-        tensors = [o for o in output if isinstance(o, torch.Tensor) and o.requires_grad]
-        if not tensors:
-            return output
-        wrapped = iter(_PreBackward.apply(hook, *tensors))
-        return tuple(next(wrapped) if isinstance(o, torch.Tensor) and o.requires_grad else o
-                     for o in output)
-    return output  # other structures: parameters are fetched on demand by their own modules
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a plain dict."""
+        return asdict(self)
 
 
 class OffloadedModel:
@@ -158,7 +105,10 @@ class OffloadedModel:
                  optimizer_budget: Any = None, optimizer: Optional[AdamW] = None,
                  compute_dtype: Any = torch.float32, loss_scaler: Optional[LossScaler] = None,
                  engine: Optional[SwapEngine] = None, pool: Optional[PinnedPool] = None,
-                 init: Optional[Callable[[torch.nn.Module], None]] = None):
+                 init: Optional[Callable[[torch.nn.Module], None]] = None,
+                 accumulation_steps: Optional[int] = None,
+                 max_grad_norm: Optional[float] = None, fused_step: bool = True,
+                 heap_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD):
         if isinstance(compute_dtype, str):
             if compute_dtype not in COMPUTE_DTYPES:
                 raise ConfigError("compute_dtype", f"must be one of {sorted(COMPUTE_DTYPES)}")
@@ -166,6 +116,17 @@ class OffloadedModel:
         if compute_dtype not in COMPUTE_DTYPES.values():
             raise ConfigError("compute_dtype", f"must be float32, bfloat16 or float16, got "
                                                f"{compute_dtype}")
+        if accumulation_steps is not None and (isinstance(accumulation_steps, bool) or
+                                               not isinstance(accumulation_steps, int) or
+                                               accumulation_steps < 1):
+            raise ConfigError("accumulation_steps", f"must be an integer >= 1 or None, got "
+                                                    f"{accumulation_steps!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
+                                              not isinstance(max_grad_norm, bool) and
+                                              max_grad_norm > 0):
+            raise ConfigError("max_grad_norm", f"must be a number > 0 or None, got "
+                                               f"{max_grad_norm!r}")
+        check_threshold("heap_mmap_threshold", heap_mmap_threshold)
         previous = getattr(model, "_memascend_offloaded_to", None)
         if previous is not None:
             raise ConfigError("model", f"is already offloaded to {previous} (its parameters are "
@@ -175,44 +136,77 @@ class OffloadedModel:
         self.compute_dtype = compute_dtype
         self.opt = optimizer or AdamW()
         self.fp16 = compute_dtype == torch.float16
+        self.fp32 = compute_dtype == torch.float32
         self.scaler = loss_scaler or LossScaler()
         self.loss_scale = self.scaler.init_scale if self.fp16 else 1.0
         self._good_steps = 0
-        self.overflow = False
         self.skipped_steps = 0
         self.step_count = 0
         budget_b = parse_size("budget", budget)
         opt_b = parse_size("optimizer_budget", optimizer_budget) if optimizer_budget else budget_b
-        _check_budgets(model, budget_b, opt_b, compute_dtype)
+        check_budgets(model, budget_b, opt_b, compute_dtype)
         private_dirs(self.swap_dir)
+        # Gradients, Adam temporaries and activations are freed and reallocated every step;
+        # glibc's dynamic threshold would keep up to 32 MiB chunks in its heap (measured: the
+        # quick fit run peaked at 1.18 GB with it, 0.65 GB without).
+        set_mmap_threshold(heap_mmap_threshold)
         self._own_engine = engine is None
         self.engine = engine or SwapEngine()
         self._own_pool = pool is None
-        self.pool = pool or PinnedPool(lock="auto")
+        if pool is None:
+            self.pool, self.optim_pool = tier_pools(model, budget_b, opt_b, compute_dtype)
+            # the stores' bounce buffers (unaligned memory: reads into plain tensors) come
+            # from a pool of their own, mapped only if used, not from the capped arenas
+            self.bounce_pool = PinnedPool(lock="auto")
+        else:
+            self.pool = self.optim_pool = self.bounce_pool = pool
         self._saved = SavedParamViews(lambda n: self._params[n].data, self._ensure_resident)
         self._opened: list[Any] = []
         try:
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
-                                                    engine=self.engine, pool=self.pool,
+                                                    engine=self.engine, pool=self.bounce_pool,
                                                     durable=False, reset=True))
             self.optim_store = self._open(SwapStore(os.path.join(self.swap_dir, "optim.swp"),
-                                                    engine=self.engine, pool=self.pool,
+                                                    engine=self.engine, pool=self.bounce_pool,
                                                     durable=False, reset=True))
-            self.params_sw = self._open(TensorSwapper(self.param_store, budget_bytes=budget_b))
-            # The step reads ahead itself (it knows its order); the learned plan would wrap
-            # into the next pass and read gradients that backward rewrites first.
-            self.optim_sw = self._open(TensorSwapper(self.optim_store, budget_bytes=opt_b,
-                                                     plan_prefetch=False))
+            self.params_sw = self._open(TensorSwapper(self.param_store, pool=self.pool,
+                                                      budget_bytes=budget_b,
+                                                      overflow_pool=self.bounce_pool))
+            # Reads ahead as told (a module's state when its backward starts; the step's
+            # next parameters), not by a learned plan: the plan would wrap into the next
+            # window and read gradients that backward rewrites first.
+            self.optim_sw = self._open(TensorSwapper(self.optim_store, pool=self.optim_pool,
+                                                     budget_bytes=opt_b, plan_prefetch=False,
+                                                     overflow_pool=self.bounce_pool))
             self._setup_params(init)
+            self._fused = FusedAdam(self, list(self._params), self.opt, accumulation_steps,
+                                    max_grad_norm, fused_step,
+                                    queue_bytes=offload_queue_bytes(
+                                        [math.prod(v) for v in self._shapes.values()], opt_b))
+            self._opened.append(self._fused)
         except BaseException:
             self._close_all()
             raise
         self._install_hooks()
         model._memascend_offloaded_to = self.swap_dir
 
+    def _pools(self) -> list[PinnedPool]:
+        """The pinned pools this model uses (each once)."""
+        return list({id(p): p for p in (self.pool, self.optim_pool, self.bounce_pool)}.values())
+
     def _open(self, obj: Any) -> Any:
         self._opened.append(obj)
         return obj
+
+    @property
+    def saved(self) -> SavedParamViews:
+        """The saved-tensor hooks that keep autograd off recycled parameter buffers."""
+        return self._saved
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape."""
+        return self._shapes
 
     # ---- set-up ----
     def _setup_params(self, init: Optional[Callable[[torch.nn.Module], None]]) -> None:
@@ -220,10 +214,10 @@ class OffloadedModel:
         placeholders, so a full disk leaves the model intact. Parameters on the meta device
         are materialized, initialized and written one module at a time instead."""
         self._params: dict[str, torch.nn.Parameter] = {}
-        self._name_of: dict[int, str] = {}
+        self.name_of: dict[int, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         memo: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
-        pending: list[tuple[str, Any]] = []  # in-RAM parameters, dropped once all are written
+        pending: list[Any] = []  # in-RAM parameters' writes, dropped once all are written
         for mname, module in self.model.named_modules(remove_duplicate=False):
             fresh: list[tuple[str, torch.nn.Parameter]] = []
             for pname, p in list(module._parameters.items()):
@@ -237,14 +231,14 @@ class OffloadedModel:
                         fresh.append((f"{mname}.{pname}" if mname else pname, new))
                     module._parameters[pname] = memo[id(p)][1]
                     continue
-                if id(p) in self._name_of:
+                if id(p) in self.name_of:
                     continue
                 name = f"{mname}.{pname}" if mname else pname
                 self._add_param(name, p)
                 pending.extend(self._write_initial(name, p))
             if fresh:
                 with torch.no_grad():
-                    (init or _reset_parameters)(module)
+                    (init or reset_parameters)(module)
                 handles = []
                 for name, p in fresh:
                     self._add_param(name, p)
@@ -257,54 +251,83 @@ class OffloadedModel:
             raise ConfigError("model", "has no parameters to offload")
         for h in pending:
             h.wait()  # raises the first SwapIOError (e.g. ENOSPC) before anything is dropped
-        self._steps = {name: torch.tensor(0.0) for name in self._params}
-        self._has_state: set[str] = set()
-        self._has_grad: set[str] = set()
         self._holds: dict[str, dict[str, int]] = {"fwd": {}, "bwd": {}}
-        self._grad_handles: list[Any] = []
+        self.uses: dict[str, int] = {}  # grad-enabled forward calls per parameter
+        self.fetched: dict[str, int] = {}  # module backwards started per parameter
+        self._pending: list[str] = []  # gradients accumulated, more may come this backward
+        self._in_bwd = False  # a backward pass is open (first event seen, not yet ended)
         self._bwd_callback_queued = False
         for p in self._params.values():
             p.data = torch.empty(0, dtype=self.compute_dtype)
 
     def _add_param(self, name: str, p: torch.nn.Parameter) -> None:
         self._params[name] = p
-        self._name_of[id(p)] = name
+        self.name_of[id(p)] = name
         self._shapes[name] = tuple(p.shape)
 
     def _write_initial(self, name: str, p: torch.nn.Parameter) -> list[Any]:
         shape = self._shapes[name]
         self.params_sw.register(f"p/{name}", shape, self.compute_dtype)
-        for kind in ("master", "m", "v", "g"):
+        kinds = ("m", "v", "g") if self.fp32 else ("master", "m", "v", "g")
+        for kind in kinds:
             self.optim_sw.register(f"{kind}/{name}", shape, torch.float32)
         with torch.no_grad():
-            return [self.optim_sw.swap_out(f"master/{name}", p.detach()),
-                    self.params_sw.swap_out(f"p/{name}", p.detach())]
+            out = [self.params_sw.swap_out(f"p/{name}", p.detach())]
+            if not self.fp32:
+                out.append(self.optim_sw.swap_out(f"master/{name}", p.detach()))
+            return out
 
     def _install_hooks(self) -> None:
-        self._hooks = []
-        for module in self.model.modules():
-            names = [self._name_of[id(p)] for p in module._parameters.values() if p is not None]
-            if not names:
-                continue
-            h = _ModuleHook(self, module, names)
-            self._hooks.append(module.register_forward_pre_hook(h.pre_forward))
-            self._hooks.append(module.register_forward_hook(h.post_forward, always_call=True))
+        self._hooks = module_hooks.install(self, self.model)
         for name, p in self._params.items():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     lambda param, name=name: self._grad_ready(name, param)))
 
-    # ---- parameter tier ----
-    def _fetch(self, names: list[str], hold: str) -> None:
+    # ---- parameter tier (called by the module hooks) ----
+    def fetch(self, names: list[str], hold: str) -> None:
+        """Bring ``names`` in and count a hold of kind ``hold`` ("fwd" or "bwd") on each."""
         if not names:
             return
-        handles = [(n, self.params_sw.swap_in(f"p/{n}")) for n in names]
+        if hold == "bwd":
+            self._backward_event()
+        handles = [(n, self._swap_in(f"p/{n}")) for n in names]
         for n, h in handles:
             view = h.wait()
             self._params[n].data = view
             self._saved.track(n, view)
             self._holds[hold][n] = self._holds[hold].get(n, 0) + 1
-        if hold == "bwd" and not self._bwd_callback_queued:
+
+    def _swap_in(self, key: str) -> Any:
+        """``params_sw.swap_in(key)``; when the budget is held, some of it may be held by
+        update jobs that have not run yet: wait for them, then try again."""
+        try:
+            return self.params_sw.swap_in(key)
+        except PoolExhaustedError:
+            if not self._fused.busy:
+                raise
+            self._fused.drain()
+            return self.params_sw.swap_in(key)
+
+    def fetch_for_backward(self, names: list[str]) -> None:
+        """A module's backward starts: read its optimizer state ahead, bring its params in."""
+        self._backward_event()
+        keys = [k for n in names for k in self._fused.wants_state(n)]
+        if keys:
+            self.optim_sw.prefetch(keys)
+        self.fetch(names, hold="bwd")
+
+    def before_forward(self) -> None:
+        """A forward call outside backward: the window must allow it (see FusedAdam)."""
+        if self._in_bwd:
+            self._end_pass()  # a backward whose outermost end was not seen (nested ends only)
+        self._fused.before_forward()
+
+    def _backward_event(self) -> None:
+        if not self._in_bwd:
+            self._in_bwd = True
+            self._fused.begin_backward()
+        if not self._bwd_callback_queued:
             self._bwd_callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
@@ -315,9 +338,9 @@ class OffloadedModel:
 
     def _ensure_resident(self, name: str) -> torch.Tensor:
         """The parameter's buffer view, fetched for backward if it is not resident (a saved
-        view unpacked after the parameter was released)."""
+        view is unpacked after its parameter was released)."""
         if not self._holds["fwd"].get(name) and not self._holds["bwd"].get(name):
-            self._fetch([name], hold="bwd")
+            self.fetch([name], hold="bwd")
         return self._params[name].data
 
     def _drop_holds(self, name: str, hold: str) -> None:
@@ -328,7 +351,8 @@ class OffloadedModel:
         for _ in range(count):
             self.params_sw.release(f"p/{name}")
 
-    def _release_fwd(self, names: list[str]) -> None:
+    def release_forward(self, names: list[str]) -> None:
+        """A module's forward is done with ``names``."""
         for n in names:
             count = self._holds["fwd"].get(n, 0)
             if count == 1:
@@ -341,33 +365,66 @@ class OffloadedModel:
                 self.params_sw.release(f"p/{n}")
 
     def _end_of_backward(self) -> None:
-        # Also forward holds: activation checkpointing recomputes forwards during backward and
-        # stops a recompute early once it has the tensors it needs, so the interrupted
-        # module's forward hook never releases. No forward is running when backward ends.
         self._bwd_callback_queued = False
-        for hold in ("bwd", "fwd"):
-            for name in list(self._holds[hold]):
-                self._drop_holds(name, hold)
+        if torch._C._current_autograd_node() is not None:
+            return  # the end of a nested (reentrant checkpoint) backward: the pass goes on
+        self._end_pass()
+
+    def _end_pass(self, finish: bool = True) -> None:
+        """The backward pass is over: finish gradients that waited for uses that never
+        backpropagated (``finish``; else drop them), then drop every hold. Also forward
+        holds: activation checkpointing recomputes forwards during backward and stops a
+        recompute early once it has the tensors it needs, so the interrupted module's forward
+        hook never releases."""
+        self._in_bwd = False
+        try:
+            pending, self._pending = self._pending, []
+            for name in pending:
+                p = self._params[name]
+                if p.grad is not None and finish:
+                    self._finish_grad(name, p)
+                p.grad = None
+        finally:
+            for hold in ("bwd", "fwd"):
+                for name in list(self._holds[hold]):
+                    self._drop_holds(name, hold)
+            self.uses.clear()
+            self.fetched.clear()
+            fused_pass = self._fused.fusing
+            self._fused.end_backward()
+            if not fused_pass:
+                # accumulated gradients are stored (or being written) when backward returns;
+                # a fused pass's updates finish in step()
+                self._fused.drain()
 
     # ---- gradients ----
     def _grad_ready(self, name: str, p: torch.nn.Parameter) -> None:
-        g = p.grad
-        if g is None:
+        if p.grad is None:
             return
-        if self.fp16 and not self.overflow and _has_inf_or_nan(g):
-            self.overflow = True
-        key = f"g/{name}"
-        if name not in self._has_grad:
-            self._grad_handles.append(self.optim_sw.swap_out(key, g))  # converted to fp32
-            self._has_grad.add(name)
-        else:
-            acc = self.optim_sw.swap_in(key).wait()
-            acc.add_(g)
-            self._grad_handles.append(self.optim_sw.swap_out(key, acc))
-            del acc
-            self.optim_sw.release(key)
-        p.grad = None
-        self._drop_holds(name, "bwd")
+        self._backward_event()
+        if self.fetched.get(name, 0) < self.uses.get(name, 0):
+            if name not in self._pending:  # another call of its module has yet to backprop
+                self._pending.append(name)
+            return
+        if name in self._pending:
+            self._pending.remove(name)
+        self._finish_grad(name, p)
+
+    def _finish_grad(self, name: str, p: torch.nn.Parameter) -> None:
+        g, p.grad = p.grad, None
+        view, releases = None, 0
+        if self._fused.fusing:
+            # the update job holds the parameter's buffer until it has written it
+            view = self.params_sw.swap_in(f"p/{name}", observe=False).wait()
+            releases = 1
+        try:
+            self._fused.grad_ready(name, g, view, releases)
+        except BaseException:
+            if releases:
+                self.params_sw.release(f"p/{name}")
+            raise
+        finally:
+            self._drop_holds(name, "bwd")
 
     # ---- the training-loop API ----
     def backward(self, loss: torch.Tensor) -> None:
@@ -375,86 +432,106 @@ class OffloadedModel:
         (loss * self.loss_scale if self.fp16 else loss).backward()
 
     def zero_grad(self) -> None:
-        """Start a new gradient accumulation window (gradients live on SSD, not in ``.grad``)."""
-        self._has_grad.clear()
-        self.overflow = False
+        """Discard the current window's gradients (and undo its fused updates, if any).
+        A no-op right after :meth:`step`."""
+        if module_hooks.in_backward():
+            raise MemAscendError("zero_grad() during backward")
+        if self._in_bwd:  # a backward that raised: its end was never seen
+            self._end_pass(finish=False)
+        self._fused.discard()
+
+    @property
+    def overflow(self) -> bool:
+        """fp16: whether the current window's gradients hold inf or nan (so far; waits for
+        the gradients handed over to be checked)."""
+        self._fused.drain()
+        return self._fused.overflow
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The global gradient norm of the last step (with ``max_grad_norm``), else None."""
+        return self._fused.last_grad_norm
 
     def step(self) -> bool:
-        """One AdamW step over all parameters, streamed from SSD. Returns False if skipped
-        (fp16 overflow); the loss scale is then halved."""
-        for h in self._grad_handles:
-            h.wait()
-        self._grad_handles.clear()
-        if self.fp16 and self.overflow:
+        """Commit the optimizer step of the current window (see :mod:`memascend.fused`).
+        Returns False if it was skipped (fp16 overflow); the loss scale is then halved.
+
+        Raises
+        ------
+        MemAscendError
+            The step failed (e.g. an I/O error); the window's fused updates were undone.
+        """
+        if self._in_bwd:
+            self._end_pass()
+        applied = self._fused.step(self._prefetch_for_step)
+        self.optim_sw.mark_pass()
+        self.params_sw.mark_pass()
+        if not applied:
             self.loss_scale = max(self.scaler.min_scale, self.loss_scale / 2)
             self._good_steps = 0
             self.skipped_steps += 1
-            self.zero_grad()
             return False
-        names = [n for n in self._params if n in self._has_grad]
-        keys_of = lambda n: [f"master/{n}", f"g/{n}"] + ([f"m/{n}", f"v/{n}"] if n in self._has_state else [])  # noqa: E731
-        # Read-ahead of the next parameters, at most two, and only while the current and the
-        # read-ahead ones take at most half the tier's budget (the other half is for the
-        # write-behind): a read-ahead that does not fit would be evicted before its use and
-        # read twice.
-        window = self.optim_sw.config.budget_bytes // 2
-        cost = {n: _state_bytes(math.prod(self._shapes[n])) for n in names}
-        ahead = 0  # names[:ahead] have been prefetched
-
-        def read_ahead(i: int) -> None:
-            nonlocal ahead
-            ahead = max(ahead, i)
-            while ahead < min(len(names), i + 3) and \
-                    sum(cost[m] for m in names[i:ahead + 1]) <= window:
-                self.optim_sw.prefetch(keys_of(names[ahead]))
-                ahead += 1
-
-        opt = self.opt
-        writes = []
-        for i, n in enumerate(names):
-            read_ahead(i)
-            master = self.optim_sw.swap_in(f"master/{n}").wait()
-            grad = self.optim_sw.swap_in(f"g/{n}").wait()
-            if n not in self._has_state:
-                zeros = torch.zeros(self._shapes[n], dtype=torch.float32)
-                self.optim_sw.swap_out(f"m/{n}", zeros, release=False)
-                self.optim_sw.swap_out(f"v/{n}", zeros, release=False)
-                del zeros
-            m = self.optim_sw.swap_in(f"m/{n}").wait()
-            v = self.optim_sw.swap_in(f"v/{n}").wait()
-            if self.fp16:
-                grad.mul_(1.0 / self.loss_scale)
-            _torch_adamw.adamw([master], [grad], [m], [v], [], [self._steps[n]],
-                                    foreach=False, capturable=False, differentiable=False,
-                                    fused=None, amsgrad=False, beta1=opt.betas[0],
-                                    beta2=opt.betas[1], lr=opt.lr,
-                                    weight_decay=opt.weight_decay, eps=opt.eps, maximize=False)
-            for key, t in ((f"master/{n}", master), (f"m/{n}", m), (f"v/{n}", v)):
-                writes.append(self.optim_sw.swap_out(key, t))
-            writes.append(self.params_sw.swap_out(f"p/{n}", master))  # converted to compute
-            del master, grad, m, v  # no view may outlive its release (keeps buffers mapped)
-            for key in (f"master/{n}", f"g/{n}", f"m/{n}", f"v/{n}"):
-                self.optim_sw.release(key)
-            self._has_state.add(n)
-        for h in writes:
-            h.wait()
-        self.optim_sw.mark_pass()
-        self.params_sw.mark_pass()
         self.step_count += 1
         if self.fp16:
             self._good_steps += 1
             if self._good_steps >= self.scaler.growth_interval:
                 self.loss_scale *= 2
                 self._good_steps = 0
-        self.zero_grad()
         return True
+
+    def _prefetch_for_step(self, names: list[str]) -> None:
+        """Read ahead what step()'s deferred updates of ``names`` will read."""
+        for n in names:
+            if self.fp32:
+                self.params_sw.prefetch([f"p/{n}"])
+            self.optim_sw.prefetch([k for k in (f"g/{n}", f"master/{n}", f"m/{n}", f"v/{n}")
+                                    if k in self.optim_store])
+
+    def stats(self) -> OffloadStats:
+        """A snapshot of the counters (see :class:`OffloadStats`)."""
+        stores = (self.param_store.stats(), self.optim_store.stats())
+        pools = [p.stats() for p in self._pools()]
+        return OffloadStats(steps=self.step_count, skipped_steps=self.skipped_steps,
+                            paths=self._fused.counts.to_dict(),
+                            ssd_read=sum(s.bytes_read for s in stores),
+                            ssd_written=sum(s.bytes_written for s in stores),
+                            arenas_mapped=sum(p.arenas_mapped_total for p in pools),
+                            locked_bytes=sum(p.locked for p in pools),
+                            pinned_reserved=sum(p.reserved for p in pools),
+                            last_grad_norm=self.last_grad_norm)
+
+    def master(self, name: str) -> torch.Tensor:
+        """A copy of parameter ``name``'s fp32 master weight, read from SSD (between steps).
+
+        Raises
+        ------
+        KeyError
+            No such parameter.
+        MemAscendError
+            Called in the middle of a window (the master may be a speculation then).
+        """
+        if name not in self._params:
+            raise KeyError(f"no parameter {name!r}")
+        if self._fused.micro or self._in_bwd:
+            raise MemAscendError("master() between backward() and step(): call step() first")
+        self.params_sw.wait_idle()
+        self.optim_sw.wait_idle()
+        if self.fp32:
+            return self.param_store.read_tensor(f"p/{name}").wait()
+        return self.optim_store.read_tensor(f"master/{name}").wait()
+
+    def master_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter's fp32 master weight, by name (the whole model in RAM: for small
+        models and tests; stream :meth:`master` per name for large ones)."""
+        return {n: self.master(n) for n in self._params}
 
     # ---- checkpoints ----
     def _state(self) -> dict[str, Any]:
-        return {"format": 1, "step_count": self.step_count, "loss_scale": self.loss_scale,
+        f = self._fused
+        return {"format": 2, "step_count": self.step_count, "loss_scale": self.loss_scale,
                 "good_steps": self._good_steps, "skipped_steps": self.skipped_steps,
-                "steps": {n: float(t) for n, t in self._steps.items()},
-                "has_state": sorted(self._has_state), "optimizer": asdict(self.opt),
+                "steps": {n: float(t) for n, t in f.steps.items()},
+                "has_state": sorted(f.has_state), "optimizer": asdict(self.opt),
                 "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
                 "params": {n: list(s) for n, s in self._shapes.items()}}
 
@@ -465,11 +542,11 @@ class OffloadedModel:
         Raises
         ------
         MemAscendError
-            Called between ``backward()`` and ``step()``.
+            Called in the middle of a window (between ``backward()`` and ``step()``).
         SwapIOError
             Writing failed (e.g. ENOSPC); the previous checkpoint is unchanged.
         """
-        if self._has_grad:
+        if self._fused.micro or self._in_bwd:
             raise MemAscendError("save() between backward() and step(): accumulated gradients "
                                  "are not part of a checkpoint; call step() or zero_grad()")
         self.params_sw.wait_idle()
@@ -490,41 +567,24 @@ class OffloadedModel:
             The checkpoint does not match this model.
         """
         folder, state, entries = checkpoint.read(path, ("params.swp", "optim.swp"))
-
-        def field(name: str, kind: Any) -> Any:
-            return checkpoint.field(state, name, kind, folder)
-
-        want = {n: list(s) for n, s in self._shapes.items()}
-        if field("params", dict) != want:
-            raise MemAscendError(f"checkpoint {folder} is for a different model (parameters "
-                                 "or shapes differ)")
-        if field("compute_dtype", str) != str(self.compute_dtype).replace("torch.", ""):
-            raise MemAscendError(f"checkpoint {folder} was trained in {state['compute_dtype']}")
-        steps, has_state = field("steps", dict), field("has_state", list)
-        counters = {k: field(k, (int, float)) for k in ("step_count", "loss_scale",
-                                                        "good_steps", "skipped_steps")}
-        need = {"params.swp": [f"p/{n}" for n in self._params],
-                "optim.swp": [f"master/{n}" for n in self._params] +
-                [f"{k}/{n}" for n in has_state for k in ("m", "v")]}
-        for tier, keys in need.items():
-            missing = [k for k in keys if k not in entries[tier]]
-            if missing or any(not isinstance(steps.get(n), (int, float)) for n in self._params):
-                raise MetadataError(f"checkpoint {folder} is incomplete: tier {tier} lacks "
-                                    f"{missing[:4]} or the state lacks step counts",
-                                    path=os.path.join(folder, tier))
+        got = checkpoint.check_model(folder, state, entries, shapes=self._shapes,
+                                     compute_dtype=str(self.compute_dtype).split(".")[-1],
+                                     fp32_master_in_params=self.fp32)
+        if self._in_bwd:
+            raise MemAscendError("load() during backward")
+        self._fused.discard()
         self.params_sw.wait_idle()
         self.optim_sw.wait_idle()
         for store, sw, fname in ((self.param_store, self.params_sw, "params.swp"),
                                  (self.optim_store, self.optim_sw, "optim.swp")):
             sw.drop_resident()
             store.import_from(os.path.join(folder, fname))
-        self.step_count = int(counters["step_count"])
-        self.loss_scale = float(counters["loss_scale"])
-        self._good_steps = int(counters["good_steps"])
-        self.skipped_steps = int(counters["skipped_steps"])
-        self._steps = {n: torch.tensor(float(steps[n])) for n in self._params}
-        self._has_state = set(has_state)
-        self._has_grad.clear()
+        self.step_count = int(got["step_count"])
+        self.loss_scale = float(got["loss_scale"])
+        self._good_steps = int(got["good_steps"])
+        self.skipped_steps = int(got["skipped_steps"])
+        self._fused.steps = {n: torch.tensor(float(got["steps"][n])) for n in self._params}
+        self._fused.has_state = set(got["has_state"])
 
     # ---- lifecycle ----
     def training_state_bytes(self) -> dict[str, int]:
@@ -545,10 +605,11 @@ class OffloadedModel:
         if self._own_engine:
             self.engine.close()
         if self._own_pool:
-            try:
-                self.pool.close()
-            except Exception:
-                pass
+            for pool in self._pools():
+                try:
+                    pool.close()
+                except Exception:
+                    pass
 
     def close(self) -> None:
         """Remove the hooks and close the swap tiers (their files stay in ``swap_dir``)."""
@@ -564,73 +625,6 @@ class OffloadedModel:
         self.close()
 
 
-def _state_bytes(numel: int) -> int:
-    """Optimizer-tier buffer bytes of one parameter in a step: fp32 master, gradient, m, v."""
-    return 4 * round_up(numel * 4)
-
-
-def _check_budgets(model: torch.nn.Module, budget_b: int, opt_b: int,
-                   compute_dtype: torch.dtype) -> None:
-    """Refuse budgets that could never run, before anything is written. Forward holds a
-    module's own parameters at once (compute dtype, 4 KiB-rounded buffers); the step holds a
-    parameter's fp32 master, gradient, m and v at once."""
-    itemsize = torch.empty(0, dtype=compute_dtype).element_size()
-    need_p, module_name = 0, ""
-    for mname, module in model.named_modules():
-        own = sum(round_up(p.numel() * itemsize) for p in module._parameters.values()
-                  if p is not None)
-        if own > need_p:
-            need_p, module_name = own, mname or type(module).__name__
-    if budget_b < need_p:
-        raise ConfigError("budget", f"{budget_b} bytes cannot hold the parameters of module "
-                                    f"{module_name}: forward needs {need_p} bytes of them "
-                                    "resident at once")
-    named = [(n, p.numel()) for n, p in model.named_parameters()]
-    if not named:
-        return
-    name, numel = max(named, key=lambda t: t[1])
-    need = _state_bytes(numel)
-    if opt_b < need:
-        raise ConfigError("optimizer_budget", f"{opt_b} bytes cannot hold one parameter's "
-                                              f"optimizer state: {name} ({numel} elements) "
-                                              f"needs {need} bytes for its fp32 master, "
-                                              "gradient, m and v at once")
-
-
-def _reset_parameters(module: torch.nn.Module) -> None:
-    reset = getattr(module, "reset_parameters", None)
-    if reset is None:
-        raise ConfigError("init", f"{type(module).__name__} has parameters on the meta device "
-                                  "and no reset_parameters(); pass init= to fill them")
-    reset()
-
-
-@contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Build modules with parameters on the ``meta`` device (no memory) and buffers on the
-    CPU, for :func:`offload_model` to materialize one module at a time::
-
-        with memascend.meta_parameters():
-            model = LlamaForCausalLM(config)
-        om = memascend.offload_model(model, "/nvme/swap", init=model._init_weights)
-
-    Not thread-safe: it patches ``nn.Module.register_parameter`` while active.
-    """
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: Any) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"),
-                                                          requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
 def offload_model(model: torch.nn.Module, swap_dir: str, **options: Any) -> OffloadedModel:
     """Offload ``model``'s parameters and optimizer state to SSD under ``swap_dir``.
 
@@ -644,7 +638,19 @@ def offload_model(model: torch.nn.Module, swap_dir: str, **options: Any) -> Offl
         ``budget`` (pinned bytes of the parameter tier, default 1 GiB),
         ``optimizer_budget`` (default: ``budget``), ``optimizer`` (:class:`AdamW`),
         ``compute_dtype`` (``torch.float32``/``bfloat16``/``float16``), ``loss_scaler``,
-        ``engine``, ``pool``, ``init``.
+        ``engine``, ``pool`` (default: one arena sized to the budgets, see
+        :class:`OffloadedModel`), ``init``;
+        ``accumulation_steps`` (micro-batches per optimizer step; default None: learned
+        from the first window, which runs as a two-phase step, and fused windows then also
+        store their gradients, 4 B/parameter, so that a longer window can be undone. Declare
+        it to save those bytes; a longer window is then an error);
+        ``max_grad_norm`` (clip the global gradient norm before the update, exactly as
+        ``torch.nn.utils.clip_grad_norm_``; default None);
+        ``fused_step`` (default True; False runs every step as a two-phase step after
+        backward);
+        ``heap_mmap_threshold`` (default 1 MiB: glibc maps heap requests of this size or more
+        on their own, so freed tensors leave RSS, process-wide, see :mod:`memascend.heap`;
+        0 leaves glibc's dynamic threshold alone).
 
     Parameters on the ``meta`` device (see :func:`meta_parameters`) are materialized one
     module at a time: allocated on the CPU, filled by ``init(module)`` (default

@@ -756,42 +756,77 @@ def offload_budgets(budget: Optional[int] = None,
     return b, (int(optimizer_budget) if optimizer_budget else b)
 
 
-def offload_tier_bytes(numels: Sequence[int], compute_bytes: int) -> tuple[int, int]:
+def offload_tier_bytes(numels: Sequence[int], compute_bytes: int,
+                       grads: bool = True) -> tuple[int, int]:
     """Bytes each tier of ``offload_model`` stores, as pool leases / store extents (4096-
-    rounded per tensor): the parameter tier one compute-dtype copy per parameter, the
-    optimizer tier four fp32 tensors per parameter (master, gradient, AdamW ``m`` and ``v``).
+    rounded per tensor): the parameter tier one compute-dtype copy per parameter (in fp32 it
+    is the master weight itself); the optimizer tier AdamW's ``m`` and ``v``, the fp32 master
+    when the compute dtype is not fp32, and the accumulated gradient ``g`` when gradients are
+    stored (``grads``: see :func:`offload_stores_grads`), fp32 each.
 
     Returns
     -------
     (param_tier_bytes, optimizer_tier_bytes)
     """
     p = sum(round_up(n * compute_bytes) for n in numels)
-    o = 4 * sum(round_up(n * 4) for n in numels)
+    per = 2 + (compute_bytes != 4) + bool(grads)
+    o = per * sum(round_up(n * 4) for n in numels)
     return p, o
+
+
+def offload_stores_grads(micro_batches: int = 1, accumulation_declared: bool = False,
+                         clipping: bool = False) -> bool:
+    """Whether ``offload_model`` keeps gradients in its optimizer tier at steady state: when
+    micro-batches accumulate, when the window length is learned rather than declared
+    (``accumulation_steps=None``, the default: a fused window keeps its gradients so that a
+    longer one can be undone), or with gradient clipping (to redo a clipped window)."""
+    return micro_batches > 1 or not accumulation_declared or clipping
+
+
+def offload_arena_bytes(numels: Sequence[int], compute_bytes: int,
+                        budget: Optional[int] = None,
+                        optimizer_budget: Optional[int] = None) -> tuple[int, int]:
+    """The pinned arena ``offload_model`` maps (and locks) once per tier: the tier's budget,
+    or what the tier can use if less (the parameter copies; up to four fp32 tensors per
+    parameter in the optimizer tier), plus the tier's largest tensor as slack against
+    fragmentation. The whole arena is reserved at the first lease and kept until close.
+
+    Returns
+    -------
+    (param_arena, optimizer_arena)
+    """
+    b, ob = offload_budgets(budget, optimizer_budget)
+    numels = list(numels) or [1]
+    per_opt = 3 if compute_bytes == 4 else 4  # m, v, g (+ the fp32 master)
+    need_p = sum(round_up(n * compute_bytes) for n in numels)
+    need_o = sum(per_opt * round_up(n * 4) for n in numels)
+    big = max(numels)
+    return (min(b, need_p) + round_up(big * compute_bytes),
+            min(ob, need_o) + round_up(big * 4))
 
 
 def offload_pinned_bytes(numels: Sequence[int], compute_bytes: int, budget: Optional[int] = None,
                          optimizer_budget: Optional[int] = None) -> tuple[int, int]:
-    """Peak pinned bytes of each of ``offload_model``'s two swappers: a swapper never holds
-    more than its budget, and a tier whose tensors all fit stops at about their total
-    (released tensors stay resident as a cache until the budget is needed). "About": a free
-    buffer up to 25 % larger may serve a smaller tensor (the swapper's size-class slack), after
-    which the larger tensor gets a buffer of its own, so a tier that fits can hold up to
-    1.25 × its total (never more than the budget).
+    """Pinned bytes of each of ``offload_model``'s two tiers: its arena
+    (:func:`offload_arena_bytes`), reserved and locked whole from the first lease.
 
     Returns
     -------
     (param_pinned, optimizer_pinned)
     """
-    b, ob = offload_budgets(budget, optimizer_budget)
-    p, o = offload_tier_bytes(numels, compute_bytes)
-    return min(b, p), min(ob, o)
+    return offload_arena_bytes(numels, compute_bytes, budget, optimizer_budget)
+
+
+def offload_queue_bytes(numels: Sequence[int], optimizer_budget: int) -> int:
+    """Most gradient bytes backward hands to the optimizer's worker before it waits: the
+    largest parameter's fp32 bytes, or a quarter of the optimizer budget up to 64 MiB."""
+    return max(max(numels, default=1) * 4, min(int(optimizer_budget) // 4, 64 << 20))
 
 
 def offload_step_transient_bytes(largest_numel: int) -> int:
-    """Unpinned peak of ``OffloadedModel.step()``: the single-tensor AdamW update computes
-    ``exp_avg_sq.sqrt()`` and divides it (two fp32 temporaries of the parameter's size) for
-    the largest parameter; the zero moments of a first step are freed before."""
+    """Unpinned peak of one AdamW update: the single-tensor form computes
+    ``exp_avg_sq.sqrt()`` and divides it (two fp32 temporaries of the parameter's size). With
+    the step fused into backward this is on the worker thread during backward."""
     return 2 * int(largest_numel) * 4
 
 
@@ -949,26 +984,27 @@ def ds_ssd_traffic(param_partition_numels: Sequence[int], sub_groups: Sequence[S
 
 def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optional[int] = None,
                         optimizer_budget: Optional[int] = None, *, sync_slack: float = 1.0,
-                        micro_batches: int = 1) -> SsdTraffic:
-    """SSD capacity and steady-state traffic per step of ``offload_model``.
+                        micro_batches: int = 1, grads: Optional[bool] = None) -> SsdTraffic:
+    """SSD capacity and steady-state traffic per step of ``offload_model`` (the step fused
+    into backward, :mod:`memascend.fused`).
 
     Capacity: the two tiers' stored bytes (:func:`offload_tier_bytes`); the swap areas may
-    grow to ``1 + sync_slack`` times that (``SwapStore``'s ``sync_slack``, default 1.0)
-    before overwritten extents are reclaimed. Per step: every parameter is read in forward
-    (the step's write-back dropped them), and read again in backward unless the parameter
-    tier holds the whole model (an upper bound: the budget's worth still cached when backward
-    starts is not re-read); written once by the step. The optimizer tier reads master,
-    gradient and both moments of every parameter and writes all four (the gradient in
-    backward; with micro-batches the gradient is read, accumulated and written again).
-    These are the reads the step needs; the swapper's learned prefetch may add reads of
-    tensors that are overwritten before their use (a gradient or parameter prefetched for the
-    next pass; measured 0-30 % more on a small MLP).
+    grow to ``1 + sync_slack`` times that before overwritten extents are reclaimed. Per step:
+    every parameter is read in forward and again in backward unless the parameter tier holds
+    the whole model (an upper bound: what is still cached when backward starts is not read
+    again), per micro-batch; the update reads ``m`` and ``v`` (and the fp32 master when the
+    compute dtype is not fp32) once and writes them and the parameter once. Gradients
+    (``grads``, default :func:`offload_stores_grads` of ``micro_batches``): each micro-batch
+    but the first reads the stored sum; each but the last writes it, and the last writes it
+    too when gradients are kept.
     """
     b, _ob = offload_budgets(budget, optimizer_budget)
-    p, o = offload_tier_bytes(numels, compute_bytes)
-    grads = sum(round_up(n * 4) for n in numels)
+    keep = offload_stores_grads(micro_batches) if grads is None else grads
+    p, o = offload_tier_bytes(numels, compute_bytes, grads=keep)
+    g = sum(round_up(n * 4) for n in numels)
+    state = o - (g if keep else 0)  # m, v (+ master)
     param_reads = p if p <= b else 2 * p
-    read = param_reads * micro_batches + o + grads * (micro_batches - 1)
-    written = p + o + grads * (micro_batches - 1)
+    read = param_reads * micro_batches + state + g * (micro_batches - 1)
+    written = p + state + g * (micro_batches - (0 if keep else 1))
     return SsdTraffic(capacity=p + o, capacity_peak=int((p + o) * (1 + sync_slack)),
                       read_per_step=read, written_per_step=written)

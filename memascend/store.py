@@ -783,6 +783,49 @@ class SwapStore:
             self._tombstones[key] = self._seq
             self._release_extent(e.offset, e.nbytes)
 
+    def rename(self, key: str, new_key: str) -> None:
+        """Move the stored ``key`` to ``new_key`` without moving bytes (one journal record).
+
+        A version ``new_key`` had is released as by an overwrite. A write of ``key`` still in
+        flight loses to the rename (as it would to a delete); one of ``new_key`` loses too.
+
+        Raises
+        ------
+        KeyNotFoundError
+            The store does not hold ``key``.
+        SwapIOError
+            The journal append failed (e.g. ENOSPC): nothing changed.
+        MetadataError
+            The store takes no more changes (see :meth:`write`).
+        """
+        self._check_open()
+        if not isinstance(new_key, str) or not new_key:
+            raise ValueError(f"new_key must be a non-empty string, got {new_key!r}")
+        with self._mu:
+            e = self._table.get(key)
+            if e is None:
+                raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r}")
+            if new_key == key:
+                return
+            self._check_writable(new_key)
+            self._seq += 1
+            moved = dataclasses.replace(e, key=new_key, seq=self._seq)
+            try:
+                self._manifest.append({"seq": self._seq, "op": "mv", "key": key,
+                                       "entry": moved.to_json()})
+            except MetadataError as err:
+                raise _keyed(err, key) from err
+            except OSError as err:
+                raise self._err(err.errno or errno.EIO, f"journal append of the rename to "
+                                f"{new_key!r} failed: {err}", key, e.offset, e.nbytes) from err
+            del self._table[key]
+            self._tombstones[key] = self._seq
+            old = self._table.get(new_key)
+            self._table[new_key] = moved
+            self._tombstones.pop(new_key, None)
+            if old is not None:
+                self._release_extent(old.offset, old.nbytes)
+
     def sync(self) -> None:
         """Make everything written so far durable (fsync data and journal).
 

@@ -132,6 +132,7 @@ class SwapperStats:
     budget_bytes: int
     leases_created: int
     leases_reused: int
+    overflow_leases: int
     plan_learning: bool
     plan_length: int
     plan_resyncs: int
@@ -200,16 +201,20 @@ class TensorSwapper:
         Pinned pool for buffers (default: the store's pool).
     budget_bytes:
         Most pinned bytes held at once.
+    overflow_pool:
+        Where a buffer comes from when ``pool`` is capped and too fragmented for it (see
+        :class:`~memascend.buffers.BufferPool`; default: the request waits or fails).
     **options:
         Other :class:`SwapperConfig` fields.
     """
 
     def __init__(self, store: SwapStore, pool: Optional[PinnedPool] = None, *,
-                 budget_bytes: Any, **options: Any):
+                 budget_bytes: Any, overflow_pool: Optional[PinnedPool] = None,
+                 **options: Any):
         self.config = SwapperConfig(budget_bytes=budget_bytes, **options)
         self.store = store
         self.pool = pool if pool is not None else store.pool
-        self.buffers = BufferPool(self.pool, self.config.budget_bytes)
+        self.buffers = BufferPool(self.pool, self.config.budget_bytes, overflow=overflow_pool)
         self.plan = AccessPlan()
         self.depth = DepthController(self.config.start_depth, 1, self.config.max_depth)
         self._cv = threading.Condition(threading.RLock())
@@ -325,11 +330,17 @@ class TensorSwapper:
             lease = self.buffers.try_acquire(nbytes)
             if lease is not None:
                 return lease
-            if self._evict_one(key, before, BufferPool.size_class(nbytes), spare):
+            size = BufferPool.size_class(nbytes)
+            if self._evict_one(key, before, size, spare=True):
+                continue
+            # An unused prefetch is evicted last: only when no write in flight will free a
+            # buffer (evicting one means reading it twice).
+            if not spare and self._writing == 0 and self._evict_one(key, before, size):
                 continue
             if not blocking:
                 return None
-            if self._inflight == 0 and self._writing == 0:
+            if self._inflight == 0 and self._writing == 0 and \
+                    not (not spare and self._evict_one(key, before, size)):
                 held = [(r.key, r.lease.size) for r in self._res.values() if r.users]
                 raise PoolExhaustedError(
                     f"cannot get {nbytes} bytes for {key!r}: the budget of "
@@ -462,10 +473,13 @@ class TensorSwapper:
                 out.set_exception(exc)
 
     # ---- the consumer's API ----
-    def swap_in(self, key: str) -> SwapHandle:
+    def swap_in(self, key: str, observe: bool = True) -> SwapHandle:
         """Bring ``key`` into a pinned buffer; the handle's result is the tensor view.
 
         The view is valid until :meth:`release`. Waits for budget if needed (backpressure).
+        ``observe=False`` keeps the access out of the learned access order and the prefetch
+        depth (for an access outside the pass the plan learns, e.g. an optimizer step that
+        reads parameters forward and backward also read).
 
         Raises
         ------
@@ -478,18 +492,20 @@ class TensorSwapper:
         out = SwapHandle(f"swap_in({key!r})")
         with self._cv:
             self._meta_of(key)
-            self._n += 1
-            self.plan.observe(key)
+            if observe:
+                self._n += 1
+                self.plan.observe(key)
             r = self._res.get(key)
             if r is None:
                 self._c["misses"] += 1
                 r = self._start_load(key, blocking=True, prefetched=False, claim=True)
-                if not self.plan.learning:  # while learning there is nothing to prefetch
+                if observe and not self.plan.learning:  # nothing to prefetch while learning
                     self.depth.waited(self._n)
             else:
                 if r.state == "loading":
                     self._c["late"] += 1
-                    self.depth.waited(self._n)
+                    if observe:
+                        self.depth.waited(self._n)
                 elif r.prefetched and not r.used:
                     self._c["hits"] += 1
                 else:
@@ -504,6 +520,43 @@ class TensorSwapper:
         if ready:
             out.set_result(r.view)
         return out
+
+    def create(self, key: str, fill: float = 0.0) -> Any:
+        """A resident buffer for the registered ``key``, filled with ``fill``, nothing read:
+        for state that starts as a constant (Adam's moments). It counts as swapped in
+        (:meth:`release` it) and is stored by ``swap_out(key, view)`` (no copy). A resident
+        copy of ``key``, if idle, is dropped.
+
+        Raises
+        ------
+        KeyNotFoundError
+            ``key`` is not registered.
+        ValueError
+            ``key`` is swapped in, or registered with a stored dtype of its own.
+        """
+        self._check_open()
+        with self._cv:
+            meta = self._meta.get(key)
+            if meta is None:
+                raise KeyNotFoundError(f"create({key!r}): register() the key first")
+            if meta.stored != meta.dtype:
+                raise ValueError(f"create({key!r}): the key is stored as {meta.stored}")
+            old = self._res.get(key)
+            if old is not None:
+                if old.users:
+                    raise ValueError(f"create({key!r}): the key is swapped in")
+                self._cv.wait_for(lambda: old.state != "loading" and not old.writing,
+                                  timeout=self.config.wait_timeout)
+                if self._res.get(key) is old:
+                    self._drop(old)
+            lease = self._acquire(key, meta.served_bytes, blocking=True, superseding=True)
+            r = _Res(key, meta, lease, False, self._pass)
+            r.state, r.users, r.used = "ready", 1, True
+            r.view = lease.as_tensor(meta.dtype, meta.shape)
+            self._res[key] = r
+            view = r.view
+        view.fill_(fill)  # outside the lock; the buffer is ours (users=1)
+        return view
 
     def release(self, key: str) -> None:
         """The consumer is done with ``key``; its buffer may be reused from now on.
@@ -724,7 +777,8 @@ class TensorSwapper:
                 depth_history=list(self.depth.history), resident_keys=len(self._res),
                 pinned_bytes=b.pinned_bytes, pinned_peak=b.pinned_peak,
                 budget_bytes=self.config.budget_bytes, leases_created=b.leases_created,
-                leases_reused=b.leases_reused, plan_learning=self.plan.learning,
+                leases_reused=b.leases_reused, overflow_leases=b.overflow_leases,
+                plan_learning=self.plan.learning,
                 plan_length=len(self.plan.order), plan_resyncs=self.plan.resyncs, **self._c)
 
     def forget(self, key: str) -> None:

@@ -217,13 +217,21 @@ def test_plain_path_components_and_activations():
     w = Workload(model, batch=4, seq=256, gpus=0)
     est = estimate_offload(w, budget=64 * MIB, optimizer_budget=128 * MIB)
     c = {x.name: x for x in est.components}
-    assert c["param_pool"].nbytes == 64 * MIB and c["optimizer_pool"].nbytes == 128 * MIB
+    largest = sz.round_up(max(_numels(model)) * 4)
+    # each tier's arena: its budget plus its largest tensor, reserved whole
+    assert c["param_pool"].nbytes == 64 * MIB + largest
+    assert c["optimizer_pool"].nbytes == 128 * MIB + largest
     assert c["activations"].nbytes == sz.llama_activation_bytes(model, 4, 256, 4)
+    assert c["step_temporaries"].phase == "backward"  # the step is fused into backward
+    assert c["gradient_queue"].nbytes == sz.offload_queue_bytes(_numels(model), 128 * MIB)
     assert est.peak_phase == "backward"
-    # budgets larger than the tiers: pinned = the tiers
+    # budgets larger than the tiers: each arena is what its tier can use, plus the slack
     big = estimate_offload(Workload(model, gpus=0), budget=8 << 30)
-    p, o = sz.offload_tier_bytes(_numels(model), 4)
-    assert big.component("param_pool").nbytes == p and big.component("optimizer_pool").nbytes == o
+    numels = _numels(model)
+    p = sum(sz.round_up(n * 4) for n in numels)
+    o = 3 * sum(sz.round_up(n * 4) for n in numels)  # m, v, g
+    assert big.component("param_pool").nbytes == p + largest
+    assert big.component("optimizer_pool").nbytes == o + largest
     # with a GPU the activations are not host memory
     assert estimate_offload(Workload(model, gpus=1)).component("activations") is None
 
@@ -267,7 +275,9 @@ def test_cli_table_and_json(tmp_path):
     assert doc["parameters"] == 33_694_208
     d = doc["estimates"]["deepspeed"]
     assert d["peak_bytes"] == d["persistent_bytes"] + max(d["phase_transient_bytes"].values())
-    assert doc["estimates"]["memascend"]["components"][2]["bytes"] == 64 * MIB
+    # the parameter arena: the budget plus the largest tensor in the config's dtype (bf16)
+    largest = sz.round_up(max(_numels(load_model_config("llama-34m"))) * 2)
+    assert doc["estimates"]["memascend"]["components"][2]["bytes"] == 64 * MIB + largest
     assert doc["deepspeed_config"]["param_buffer_count"] == 5
     assert "physical_bytes" in doc["machine"]
 

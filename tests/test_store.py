@@ -321,3 +321,35 @@ def test_non_durable_store_reclaims_without_fsync(tmp_path, monkeypatch):
         assert torch.equal(store.read_tensor("k3").wait(), torch.full((1 << 18,), 2.0))
     pool.close()
     assert during == 0
+
+
+def test_rename_moves_a_key_without_io_and_survives_reopen_and_kill(tmp_path):
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "swap")
+    child = f"""
+import os, signal, torch
+from memascend.store import SwapStore
+s = SwapStore({path!r})
+s.write("a", torch.full((5000,), 1.0)).wait(30)
+s.write("b", torch.full((5000,), 2.0)).wait(30)
+s.rename("a", "a~")          # keep the old version aside
+s.write("a", torch.full((5000,), 3.0)).wait(30)
+s.rename("b", "a~")          # replaces the kept version (released like an overwrite)
+reads = s.stats().reads
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -9, r.stderr[-2000:]
+    with SwapStore(path) as s:
+        assert sorted(s.keys()) == ["a", "a~"]
+        assert torch.equal(s.read_tensor("a").wait(30), torch.full((5000,), 3.0))
+        assert torch.equal(s.read_tensor("a~").wait(30), torch.full((5000,), 2.0))
+        with pytest.raises(KeyError):
+            s.rename("zz", "y")
+        s.rename("a~", "a")
+        assert s.keys() == ["a"]
+        assert torch.equal(s.read_tensor("a").wait(30), torch.full((5000,), 2.0))
+    with SwapStore(path) as s:
+        assert s.keys() == ["a"]

@@ -506,12 +506,14 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
                      meta_init: bool = True) -> Estimate:
     """Footprint of memascend's plain-PyTorch path (``offload_model``) for one process.
 
-    Persistent: the runtime, the training runtime and the two swappers' pinned buffers
-    (:func:`memascend.sizing.offload_pinned_bytes`). Transients: at start-up the largest
-    parameter materialized in fp32 (with ``meta_init``; otherwise the whole model built in
-    RAM first), in backward the activations and gradients (CPU compute), in the step the
-    AdamW temporaries of the largest parameter. Assumes glibc's mmap threshold is fixed at
-    128 KiB as the README recommends (``memascend.demo.fix_malloc_mmap_threshold``).
+    Persistent: the runtime, the training runtime and the two tiers' pinned arenas
+    (:func:`memascend.sizing.offload_pinned_bytes`), reserved whole. Transients: at start-up
+    the largest parameter materialized in fp32 (with ``meta_init``; otherwise the whole model
+    built in RAM first); in backward the activations and gradients (CPU compute), the
+    gradients handed to the optimizer's worker and not yet used
+    (:func:`memascend.sizing.offload_queue_bytes`) and, the step being fused into backward,
+    the AdamW temporaries of the largest parameter. ``offload_model`` fixes glibc's mmap
+    threshold at 1 MiB (its ``heap_mmap_threshold``), so freed tensors are not retained.
 
     Parameters
     ----------
@@ -537,7 +539,8 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
         if val <= 0:
             raise ConfigError(key, f"must be positive, got {val}")
     pp, po = sz.offload_pinned_bytes(numels, ce, b, ob)
-    tp, to = sz.offload_tier_bytes(numels, ce)
+    keep_grads = sz.offload_stores_grads(w.micro_batches)
+    tp, to = sz.offload_tier_bytes(numels, ce, grads=keep_grads)
     notes = []
     if sz.round_up(largest * ce) > b:
         notes.append(f"the largest parameter ({sz.round_up(largest * ce):,} B) does not fit the "
@@ -551,17 +554,20 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
                   note="measured constant" if w.runtime_bytes is None else "given"),
         Component("training_runtime", "model skeleton, kernels, autograd, swap engine",
                   sz.TRAINING_RUNTIME_BYTES, "resident", note="measured constant"),
-        Component("param_pool", "parameter tier pinned buffers", pp, "locked",
-                  note=f"min(budget {b:,}, tier {tp:,})"),
-        Component("optimizer_pool", "optimizer tier pinned buffers", po, "locked",
-                  note=f"min(optimizer_budget {ob:,}, tier {to:,})"),
+        Component("param_pool", "parameter tier pinned arena", pp, "locked",
+                  note=f"min(budget {b:,}, tier) + largest tensor"),
+        Component("optimizer_pool", "optimizer tier pinned arena", po, "locked",
+                  note=f"min(optimizer_budget {ob:,}, tier) + largest tensor"),
         Component("materialize", "largest parameter materialized at start-up" if meta_init
                   else "whole model built in RAM before offload", (largest if meta_init else
                                                                    sum(numels)) * 4,
                   "transient", "init", note="fp32"),
-        Component("step_temporaries", "AdamW temporaries of the largest parameter",
-                  sz.offload_step_transient_bytes(largest), "transient", "step",
-                  note="2 x largest x 4 B"),
+        Component("step_temporaries", "AdamW temporaries of the largest parameter "
+                  "(the step runs in backward)", sz.offload_step_transient_bytes(largest),
+                  "transient", "backward", note="2 x largest x 4 B"),
+        Component("gradient_queue", "gradients handed to the optimizer's worker, not yet "
+                  "used", sz.offload_queue_bytes(numels, ob), "transient", "backward",
+                  note="max(largest, optimizer budget / 4 up to 64 MiB)"),
     ]
     fp16 = compute_dtype in ("float16", "fp16", "half")
     if fp16:
@@ -576,7 +582,8 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
                                largest * ce, "transient", "backward", note="largest parameter"))
     if w.gpus > 1:
         notes.append("offload_model trains in one process; --gpus > 1 is modelled as one rank")
-    ssd = sz.offload_ssd_traffic(numels, ce, b, ob, micro_batches=w.micro_batches)
+    ssd = sz.offload_ssd_traffic(numels, ce, b, ob, micro_batches=w.micro_batches,
+                                 grads=keep_grads)
     return Estimate("memascend", f"memascend offload_model ({compute_dtype}, budgets "
                                  f"{b / sz.MiB:.0f} + {ob / sz.MiB:.0f} MiB)",
                     tuple(comps), 1, ssd, tuple(notes))

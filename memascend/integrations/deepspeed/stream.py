@@ -28,6 +28,7 @@ import torch
 from deepspeed.runtime.swap_tensor.utils import MIN_AIO_BYTES
 from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
+from ...adam import adamw_update
 from ...errors import MemAscendError
 from ...sizing import ma_stream_tier_budget
 from ...swapper import TensorSwapper
@@ -83,12 +84,9 @@ def _adam_update(optimizer: Any, group: dict[str, Any], step: int, master: Any, 
                                           group["eps"], group["weight_decay"],
                                           group["bias_correction"], master, grad, m, v)
         return
-    import torch.optim.adamw as torch_adamw
     step_t = torch.tensor(float(step - 1))  # the functional form adds one
-    torch_adamw.adamw([master], [grad], [m], [v], [], [step_t], foreach=False,
-                      capturable=False, differentiable=False, fused=None, amsgrad=False,
-                      beta1=beta1, beta2=beta2, lr=group["lr"],
-                      weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    adamw_update(master, grad, m, v, step_t, lr=group["lr"], betas=(beta1, beta2),
+                 eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 class StreamingOptimizerSwapper(_StoreBacked):

@@ -1,0 +1,104 @@
+"""How an offloaded model is set up: budgets that can run, pinned pools sized once, and
+parameters built on the meta device.
+
+:func:`check_budgets` refuses budgets that could never run before anything is written;
+:func:`tier_pools` gives each swap tier one pinned arena, reserved and locked once, so that a
+steady-state step maps nothing new; :func:`meta_parameters` builds a model without memory for
+its weights, which :func:`memascend.offload_model` then materializes one module at a time
+(:func:`reset_parameters` is the default initializer).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from .errors import ConfigError
+from .extents import round_up
+from .pool import PinnedPool
+from .sizing import offload_arena_bytes
+
+
+def tier_pools(model: torch.nn.Module, budget_b: int, opt_b: int,
+               compute_dtype: torch.dtype) -> tuple[PinnedPool, PinnedPool]:
+    """One pool per tier, each one arena (:func:`memascend.sizing.offload_arena_bytes`: the
+    tier's budget, or what the model can use of it, plus its largest tensor as slack against
+    fragmentation). Leases are carved from it, and it stays mapped when empty: a
+    steady-state step maps and locks nothing new. Reserved bytes are capped at the arena: a
+    fragmented arena makes the swapper evict or wait (or take an overflow lease, counted),
+    never grow the arena."""
+    itemsize = torch.empty(0, dtype=compute_dtype).element_size()
+    numels = [p.numel() for p in model.parameters()]
+    arenas = offload_arena_bytes(numels, itemsize, budget_b, opt_b)
+    p, o = (PinnedPool(lock="auto", arena_bytes=size, large_threshold=size, retain_bytes=size,
+                       limit_bytes=size) for size in arenas)
+    return p, o
+
+
+def state_bytes(numel: int) -> int:
+    """Optimizer-tier buffer bytes of one parameter in an update: gradient, m, v (and the
+    fp32 master in bf16/fp16), at most four fp32 tensors."""
+    return 4 * round_up(numel * 4)
+
+
+def check_budgets(model: torch.nn.Module, budget_b: int, opt_b: int,
+                   compute_dtype: torch.dtype) -> None:
+    """Refuse budgets that could never run, before anything is written. Forward holds a
+    module's own parameters at once (compute dtype, 4 KiB-rounded buffers); the step holds a
+    parameter's fp32 master, gradient, m and v at once."""
+    itemsize = torch.empty(0, dtype=compute_dtype).element_size()
+    need_p, module_name = 0, ""
+    for mname, module in model.named_modules():
+        own = sum(round_up(p.numel() * itemsize) for p in module._parameters.values()
+                  if p is not None)
+        if own > need_p:
+            need_p, module_name = own, mname or type(module).__name__
+    if budget_b < need_p:
+        raise ConfigError("budget", f"{budget_b} bytes cannot hold the parameters of module "
+                                    f"{module_name}: forward needs {need_p} bytes of them "
+                                    "resident at once")
+    named = [(n, p.numel()) for n, p in model.named_parameters()]
+    if not named:
+        return
+    name, numel = max(named, key=lambda t: t[1])
+    need = state_bytes(numel)
+    if opt_b < need:
+        raise ConfigError("optimizer_budget", f"{opt_b} bytes cannot hold one parameter's "
+                                              f"optimizer state: {name} ({numel} elements) "
+                                              f"needs {need} bytes for its fp32 master, "
+                                              "gradient, m and v at once")
+
+
+def reset_parameters(module: torch.nn.Module) -> None:
+    reset = getattr(module, "reset_parameters", None)
+    if reset is None:
+        raise ConfigError("init", f"{type(module).__name__} has parameters on the meta device "
+                                  "and no reset_parameters(); pass init= to fill them")
+    reset()
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Build modules with parameters on the ``meta`` device (no memory) and buffers on the
+    CPU, for :func:`offload_model` to materialize one module at a time::
+
+        with memascend.meta_parameters():
+            model = LlamaForCausalLM(config)
+        om = memascend.offload_model(model, "/nvme/swap", init=model._init_weights)
+
+    Not thread-safe: it patches ``nn.Module.register_parameter`` while active.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: Any) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"),
+                                                          requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
