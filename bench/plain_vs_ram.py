@@ -14,7 +14,11 @@ seconds per step of each run; new pinned mappings and newly locked bytes per ste
 step (pool counters); peak RSS during training (``VmHWM`` reset after set-up); whether every
 loss of every offloaded run equals the in-RAM run's bit for bit; the offloaded optimizer's
 own counters (fused / two-phase / rolled-back steps) when it has them; CRC32C throughput of
-this machine's cores and what it costs per step.
+this machine's cores and what it costs per step. The disk's O_DIRECT bandwidth is measured
+after the runs (``bench/_fit_bounds.py``, 1 GiB each way) to give each configuration's I/O
+bound (its SSD bytes at that bandwidth, reads and writes one after the other), the
+``bound_ratio`` no overlap can beat (max(in-RAM step, I/O bound) / in-RAM step) and the
+``overlap_efficiency`` reached (max(in-RAM step, I/O bound) / offloaded step).
 
 The JSON ``summary``: ``step_time_ratio`` (max over configurations), ``ssd_bytes_per_param``
 (the first configuration: fp32, accumulation 1, no activation checkpointing),
@@ -45,6 +49,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
+from bench._fit_bounds import measure_bandwidth  # noqa: E402
 
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
              max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -122,6 +127,14 @@ def crc_throughput() -> dict[str, float]:
         crc32c(t.data_ptr(), t.numel() * 4)
         best = min(best, time.perf_counter() - t0)
     return {"bytes_per_s": t.numel() * 4 / best}
+
+
+def io_bound(s: dict[str, Any], bw: dict[str, Any]) -> float:
+    """Seconds a step's SSD traffic takes at the measured bandwidths, reads and writes one
+    after the other (what no overlap can beat when the disk does one at a time)."""
+    n = s["n_params"]
+    return (s["ssd_read_per_param"] * n / bw["read_bytes_per_s"] +
+            s["ssd_written_per_param"] * n / bw["write_bytes_per_s"])
 
 
 def summarize(cfg: dict[str, Any], pairs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
@@ -206,21 +219,28 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append(pair)
         results.append({"summary": summarize(cfg, pairs, args.warmup), "pairs": pairs})
     crc = crc_throughput()
+    bw = measure_bandwidth(base, 1 << 30)
     first = results[0]["summary"]
     for r in results:
         s = r["summary"]
         s["crc_cpu_s_per_step"] = ((s["ssd_read_per_param"] + s["ssd_written_per_param"]) *
                                    s["n_params"] / crc["bytes_per_s"])
+        s["io_bound_s"] = io_bound(s, bw)
+        # the best a step can do here: compute (the in-RAM step) and I/O perfectly overlapped
+        s["bound_ratio"] = max(s["ram_step_s"], s["io_bound_s"]) / s["ram_step_s"]
+        s["overlap_efficiency"] = max(s["ram_step_s"], s["io_bound_s"]) / s["offload_step_s"]
     summary = {
         "step_time_ratio": max(r["summary"]["step_time_ratio"] for r in results),
         "ssd_bytes_per_param": first["ssd_bytes_per_param"],
         "steady_state_new_mappings": max(r["summary"]["new_mappings_per_step"] for r in results),
         "losses_equal": all(r["summary"]["losses_equal"] for r in results),
         "configs": {r["summary"]["name"]: {k: r["summary"][k] for k in (
-            "step_time_ratio", "ram_step_s", "offload_step_s", "ssd_bytes_per_param",
-            "ram_cpu_s_per_step", "offload_cpu_s_per_step", "ram_peak_rss",
+            "step_time_ratio", "ram_step_s", "offload_step_s", "io_bound_s", "bound_ratio",
+            "overlap_efficiency", "ssd_bytes_per_param", "ram_cpu_s_per_step",
+            "offload_cpu_s_per_step", "crc_cpu_s_per_step", "ram_peak_rss",
             "offload_peak_rss", "losses_equal")} for r in results},
         "crc32c_bytes_per_s_per_core": crc["bytes_per_s"],
+        "disk": {k: bw[k] for k in ("read_bytes_per_s", "write_bytes_per_s", "backend")},
     }
     doc = {"benchmark": "plain_vs_ram", "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
            "args": {k: v for k, v in vars(args).items()}, "elapsed_s": time.time() - started,
