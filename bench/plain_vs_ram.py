@@ -62,22 +62,28 @@ MODELS = {
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=512),
 }
 DEFAULT_CONFIGS = "134m-1x128,134m-4x128,523m-1x128"
+# Pinned budgets per tier when --offload-options gives none: 512 MiB (issue 16's setting), or
+# what the model's largest tensor needs (the optimizer tier holds four fp32 tensors of it).
+BUDGETS = {"523m": "1GiB"}
 
 
 def parse_config(name: str) -> dict[str, Any]:
-    """``MODEL-BxS[-ckpt][-accN]`` -> a configuration dict."""
+    """``MODEL-BxS[-ckpt][-accN][-clipX]`` -> a configuration dict."""
     parts = name.split("-")
     if parts[0] not in MODELS or len(parts) < 2 or "x" not in parts[1]:
-        raise ValueError(f"bad configuration {name!r}: MODEL-BATCHxSEQ[-ckpt][-accN], MODEL "
+        raise ValueError(f"bad configuration {name!r}: MODEL-BATCHxSEQ[-ckpt][-accN][-clipX], "
+                         "MODEL "
                          f"one of {sorted(MODELS)}")
     b, s = parts[1].split("x")
     cfg = {"name": name, "model": parts[0], "batch": int(b), "seq": int(s),
-           "checkpointing": False, "accumulation": 1}
+           "checkpointing": False, "accumulation": 1, "max_grad_norm": None}
     for extra in parts[2:]:
         if extra == "ckpt":
             cfg["checkpointing"] = True
         elif extra.startswith("acc"):
             cfg["accumulation"] = int(extra[3:])
+        elif extra.startswith("clip"):
+            cfg["max_grad_norm"] = float(extra[4:])
         else:
             raise ValueError(f"bad configuration suffix {extra!r} in {name!r}")
     return cfg
@@ -90,7 +96,12 @@ def run_child(kind: str, cfg: dict[str, Any], args: Any, workdir: str) -> dict[s
     spec = {"kind": kind, "config": MODELS[cfg["model"]], "batch": cfg["batch"],
             "seq": cfg["seq"], "steps": args.steps, "seed": 1234, "lr": 1e-4, "wd": 0.01,
             "checkpointing": cfg["checkpointing"], "accumulation": cfg["accumulation"],
-            "swap_dir": swap, "out": out, "offload_options": dict(args.offload_options)}
+            "swap_dir": swap, "out": out,
+            "offload_options": dict({"budget": BUDGETS.get(cfg["model"], "512MiB")},
+                                    **args.offload_options),
+            "max_grad_norm": cfg["max_grad_norm"]}
+    if cfg["max_grad_norm"] is not None:
+        spec["offload_options"]["max_grad_norm"] = cfg["max_grad_norm"]
     if cfg["accumulation"] > 1 and "accumulation_steps" in spec["offload_options"]:
         spec["offload_options"]["accumulation_steps"] = cfg["accumulation"]
     spec_path = os.path.join(workdir, f"{kind}.spec.json")
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help=f"comma-separated MODEL-BxS[-ckpt][-accN] (default {DEFAULT_CONFIGS})")
+                   help="comma-separated MODEL-BxS[-ckpt][-accN][-clipX] (clipX: "
+                        f"max_grad_norm X in both runs; default {DEFAULT_CONFIGS})")
     p.add_argument("--pairs", type=int, default=2, help="interleaved pairs per configuration")
     p.add_argument("--steps", type=int, default=4, help="steps per run, the first a warm-up")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the medians")
@@ -197,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from memascend.offload import OffloadedModel
 
-    args.offload_options.setdefault("budget", "512MiB")
     if "accumulation_steps" in inspect.signature(OffloadedModel.__init__).parameters:
         args.offload_options.setdefault("accumulation_steps", 1)  # declared: see the README
     base = args.swap_dir or str(REPO / "bench" / "out")

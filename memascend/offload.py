@@ -39,13 +39,14 @@ from . import checkpoint, module_hooks
 from .adam import AdamW
 from .config import parse_size
 from .engine import SwapEngine
-from .errors import ConfigError, MemAscendError, PoolExhaustedError
+from .errors import ConfigError, MemAscendError
 from .files import private_dirs
 from .fused import FusedAdam
 from .heap import DEFAULT_MMAP_THRESHOLD, check_threshold, set_mmap_threshold
-from .offload_setup import check_budgets, meta_parameters, reset_parameters, tier_pools
+from .offload_setup import check_budgets, meta_parameters, tier_pools, write_parameters
 from .overflow import has_inf_or_nan as _has_inf_or_nan  # noqa: F401 - kept importable here
 from .pool import PinnedPool
+from .param_tier import ParamTier
 from .saved_views import SavedParamViews
 from .sizing import OFFLOAD_DEFAULT_BUDGET, offload_queue_bytes
 from .store import SwapStore
@@ -160,7 +161,6 @@ class OffloadedModel:
             self.bounce_pool = PinnedPool(lock="auto")
         else:
             self.pool = self.optim_pool = self.bounce_pool = pool
-        self._saved = SavedParamViews(lambda n: self._params[n].data, self._ensure_resident)
         self._opened: list[Any] = []
         try:
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
@@ -184,6 +184,9 @@ class OffloadedModel:
                                     queue_bytes=offload_queue_bytes(
                                         [math.prod(v) for v in self._shapes.values()], opt_b))
             self._opened.append(self._fused)
+            self._tier = ParamTier(self._params, self.params_sw, compute_dtype,
+                                   self._backward_event, lambda: self._fused.busy,
+                                   self._fused.drain)
         except BaseException:
             self._close_all()
             raise
@@ -201,7 +204,13 @@ class OffloadedModel:
     @property
     def saved(self) -> SavedParamViews:
         """The saved-tensor hooks that keep autograd off recycled parameter buffers."""
-        return self._saved
+        return self._tier.saved
+
+    _saved = saved
+
+    @property
+    def _holds(self) -> dict[str, dict[str, int]]:
+        return self._tier.holds
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -210,72 +219,14 @@ class OffloadedModel:
 
     # ---- set-up ----
     def _setup_params(self, init: Optional[Callable[[torch.nn.Module], None]]) -> None:
-        """Write every parameter to SSD; only when all writes succeeded are they replaced by
-        placeholders, so a full disk leaves the model intact. Parameters on the meta device
-        are materialized, initialized and written one module at a time instead."""
-        self._params: dict[str, torch.nn.Parameter] = {}
-        self.name_of: dict[int, str] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        memo: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
-        pending: list[Any] = []  # in-RAM parameters' writes, dropped once all are written
-        for mname, module in self.model.named_modules(remove_duplicate=False):
-            fresh: list[tuple[str, torch.nn.Parameter]] = []
-            for pname, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                if p.is_meta:  # materialize (once, also when tied to several modules)
-                    if id(p) not in memo:
-                        new = torch.nn.Parameter(torch.empty_like(p, device="cpu"),
-                                                 requires_grad=p.requires_grad)
-                        memo[id(p)] = (p, new)
-                        fresh.append((f"{mname}.{pname}" if mname else pname, new))
-                    module._parameters[pname] = memo[id(p)][1]
-                    continue
-                if id(p) in self.name_of:
-                    continue
-                name = f"{mname}.{pname}" if mname else pname
-                self._add_param(name, p)
-                pending.extend(self._write_initial(name, p))
-            if fresh:
-                with torch.no_grad():
-                    (init or reset_parameters)(module)
-                handles = []
-                for name, p in fresh:
-                    self._add_param(name, p)
-                    handles.extend(self._write_initial(name, p))
-                for h in handles:
-                    h.wait()
-                for _, p in fresh:
-                    p.data = torch.empty(0, dtype=self.compute_dtype)
-        if not self._params:
-            raise ConfigError("model", "has no parameters to offload")
-        for h in pending:
-            h.wait()  # raises the first SwapIOError (e.g. ENOSPC) before anything is dropped
-        self._holds: dict[str, dict[str, int]] = {"fwd": {}, "bwd": {}}
+        """Write every parameter to its tiers (see :func:`offload_setup.write_parameters`)."""
+        self._params, self.name_of, self._shapes = write_parameters(
+            self.model, self.params_sw, self.optim_sw, self.compute_dtype, init)
         self.uses: dict[str, int] = {}  # grad-enabled forward calls per parameter
         self.fetched: dict[str, int] = {}  # module backwards started per parameter
         self._pending: list[str] = []  # gradients accumulated, more may come this backward
         self._in_bwd = False  # a backward pass is open (first event seen, not yet ended)
         self._bwd_callback_queued = False
-        for p in self._params.values():
-            p.data = torch.empty(0, dtype=self.compute_dtype)
-
-    def _add_param(self, name: str, p: torch.nn.Parameter) -> None:
-        self._params[name] = p
-        self.name_of[id(p)] = name
-        self._shapes[name] = tuple(p.shape)
-
-    def _write_initial(self, name: str, p: torch.nn.Parameter) -> list[Any]:
-        shape = self._shapes[name]
-        self.params_sw.register(f"p/{name}", shape, self.compute_dtype)
-        kinds = ("m", "v", "g") if self.fp32 else ("master", "m", "v", "g")
-        for kind in kinds:
-            self.optim_sw.register(f"{kind}/{name}", shape, torch.float32)
-        with torch.no_grad():
-            out = [self.params_sw.swap_out(f"p/{name}", p.detach())]
-            if not self.fp32:
-                out.append(self.optim_sw.swap_out(f"master/{name}", p.detach()))
-            return out
 
     def _install_hooks(self) -> None:
         self._hooks = module_hooks.install(self, self.model)
@@ -286,28 +237,12 @@ class OffloadedModel:
 
     # ---- parameter tier (called by the module hooks) ----
     def fetch(self, names: list[str], hold: str) -> None:
-        """Bring ``names`` in and count a hold of kind ``hold`` ("fwd" or "bwd") on each."""
-        if not names:
-            return
-        if hold == "bwd":
-            self._backward_event()
-        handles = [(n, self._swap_in(f"p/{n}")) for n in names]
-        for n, h in handles:
-            view = h.wait()
-            self._params[n].data = view
-            self._saved.track(n, view)
-            self._holds[hold][n] = self._holds[hold].get(n, 0) + 1
+        """Bring ``names`` in for a module's forward (``hold="fwd"``) or backward."""
+        self._tier.fetch(names, hold)
 
-    def _swap_in(self, key: str) -> Any:
-        """``params_sw.swap_in(key)``; when the budget is held, some of it may be held by
-        update jobs that have not run yet: wait for them, then try again."""
-        try:
-            return self.params_sw.swap_in(key)
-        except PoolExhaustedError:
-            if not self._fused.busy:
-                raise
-            self._fused.drain()
-            return self.params_sw.swap_in(key)
+    def release_forward(self, names: list[str]) -> None:
+        """A module's forward is done with ``names``."""
+        self._tier.release_forward(names)
 
     def fetch_for_backward(self, names: list[str]) -> None:
         """A module's backward starts: read its optimizer state ahead, bring its params in."""
@@ -315,7 +250,7 @@ class OffloadedModel:
         keys = [k for n in names for k in self._fused.wants_state(n)]
         if keys:
             self.optim_sw.prefetch(keys)
-        self.fetch(names, hold="bwd")
+        self._tier.fetch(names, hold="bwd")
 
     def before_forward(self) -> None:
         """A forward call outside backward: the window must allow it (see FusedAdam)."""
@@ -330,39 +265,6 @@ class OffloadedModel:
         if not self._bwd_callback_queued:
             self._bwd_callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-
-    def _evict_view(self, name: str) -> None:
-        p = self._params[name]
-        self._saved.untrack(name, p.data)
-        p.data = torch.empty(0, dtype=self.compute_dtype)
-
-    def _ensure_resident(self, name: str) -> torch.Tensor:
-        """The parameter's buffer view, fetched for backward if it is not resident (a saved
-        view is unpacked after its parameter was released)."""
-        if not self._holds["fwd"].get(name) and not self._holds["bwd"].get(name):
-            self.fetch([name], hold="bwd")
-        return self._params[name].data
-
-    def _drop_holds(self, name: str, hold: str) -> None:
-        count = self._holds[hold].pop(name, 0)
-        if not self._holds["fwd"].get(name) and not self._holds["bwd"].get(name):
-            # Drop the view before releasing: a live view keeps a recycled buffer mapped.
-            self._evict_view(name)
-        for _ in range(count):
-            self.params_sw.release(f"p/{name}")
-
-    def release_forward(self, names: list[str]) -> None:
-        """A module's forward is done with ``names``."""
-        for n in names:
-            count = self._holds["fwd"].get(n, 0)
-            if count == 1:
-                del self._holds["fwd"][n]
-            elif count:
-                self._holds["fwd"][n] = count - 1
-            if not self._holds["fwd"].get(n) and not self._holds["bwd"].get(n):
-                self._evict_view(n)
-            if count:
-                self.params_sw.release(f"p/{n}")
 
     def _end_of_backward(self) -> None:
         self._bwd_callback_queued = False
@@ -385,9 +287,7 @@ class OffloadedModel:
                     self._finish_grad(name, p)
                 p.grad = None
         finally:
-            for hold in ("bwd", "fwd"):
-                for name in list(self._holds[hold]):
-                    self._drop_holds(name, hold)
+            self._tier.drop_all()
             self.uses.clear()
             self.fetched.clear()
             fused_pass = self._fused.fusing
@@ -424,7 +324,7 @@ class OffloadedModel:
                 self.params_sw.release(f"p/{name}")
             raise
         finally:
-            self._drop_holds(name, "bwd")
+            self._tier.drop_holds(name, "bwd")
 
     # ---- the training-loop API ----
     def backward(self, loss: torch.Tensor) -> None:

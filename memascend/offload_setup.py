@@ -5,12 +5,13 @@ parameters built on the meta device.
 :func:`tier_pools` gives each swap tier one pinned arena, reserved and locked once, so that a
 steady-state step maps nothing new; :func:`meta_parameters` builds a model without memory for
 its weights, which :func:`memascend.offload_model` then materializes one module at a time
-(:func:`reset_parameters` is the default initializer).
+(:func:`reset_parameters` is the default initializer); :func:`write_parameters` puts every
+parameter in its tiers.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -66,8 +67,9 @@ def check_budgets(model: torch.nn.Module, budget_b: int, opt_b: int,
     if opt_b < need:
         raise ConfigError("optimizer_budget", f"{opt_b} bytes cannot hold one parameter's "
                                               f"optimizer state: {name} ({numel} elements) "
-                                              f"needs {need} bytes for its fp32 master, "
-                                              "gradient, m and v at once")
+                                              f"needs {need} bytes for four fp32 tensors "
+                                              "at once (the update's gradient, m, v, and the "
+                                              "master or a read-ahead)")
 
 
 def reset_parameters(module: torch.nn.Module) -> None:
@@ -102,3 +104,75 @@ def meta_parameters() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def write_parameters(model: torch.nn.Module, params_sw: Any, optim_sw: Any,
+                     compute_dtype: torch.dtype,
+                     init: Optional[Callable[[torch.nn.Module], None]] = None
+                     ) -> tuple[dict[str, torch.nn.Parameter], dict[int, str],
+                                dict[str, tuple[int, ...]]]:
+    """Write every parameter of ``model`` to SSD and register its keys: ``p/<name>`` in the
+    compute dtype with ``params_sw``; ``m``, ``v``, ``g`` (and ``master`` unless fp32) in
+    fp32 with ``optim_sw``. Only when all writes succeeded are the parameters replaced by
+    placeholders, so a full disk leaves the model intact. Parameters on the meta device are
+    materialized, initialized (``init(module)``, default :func:`reset_parameters`) and
+    written one module at a time instead. Tied parameters are written once.
+
+    Returns
+    -------
+    (params by name, name by ``id(param)``, shapes by name)
+
+    Raises
+    ------
+    ConfigError
+        The model has no parameters, or a meta module cannot be initialized.
+    SwapIOError
+        A write failed (e.g. ENOSPC).
+    """
+    fp32 = compute_dtype == torch.float32
+    params: dict[str, torch.nn.Parameter] = {}
+    name_of: dict[int, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def write(name: str, p: torch.nn.Parameter) -> list[Any]:
+        params[name], name_of[id(p)], shapes[name] = p, name, tuple(p.shape)
+        params_sw.register(f"p/{name}", p.shape, compute_dtype)
+        for kind in ("m", "v", "g") if fp32 else ("master", "m", "v", "g"):
+            optim_sw.register(f"{kind}/{name}", p.shape, torch.float32)
+        with torch.no_grad():
+            out = [params_sw.swap_out(f"p/{name}", p.detach())]
+            if not fp32:
+                out.append(optim_sw.swap_out(f"master/{name}", p.detach()))
+        return out
+
+    memo: dict[int, torch.nn.Parameter] = {}
+    pending: list[Any] = []  # in-RAM parameters' writes, dropped once all are written
+    for mname, module in model.named_modules(remove_duplicate=False):
+        fresh: list[tuple[str, torch.nn.Parameter]] = []
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if p.is_meta:  # materialize (once, also when tied to several modules)
+                if id(p) not in memo:
+                    memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"),
+                                                     requires_grad=p.requires_grad)
+                    fresh.append((f"{mname}.{pname}" if mname else pname, memo[id(p)]))
+                module._parameters[pname] = memo[id(p)]
+                continue
+            if id(p) not in name_of:
+                pending.extend(write(f"{mname}.{pname}" if mname else pname, p))
+        if fresh:
+            with torch.no_grad():
+                (init or reset_parameters)(module)
+            handles = [h for name, p in fresh for h in write(name, p)]
+            for h in handles:
+                h.wait()
+            for _, p in fresh:
+                p.data = torch.empty(0, dtype=compute_dtype)
+    if not params:
+        raise ConfigError("model", "has no parameters to offload")
+    for h in pending:
+        h.wait()  # raises the first SwapIOError (e.g. ENOSPC) before anything is dropped
+    for p in params.values():
+        p.data = torch.empty(0, dtype=compute_dtype)
+    return params, name_of, shapes
