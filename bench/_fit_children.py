@@ -13,9 +13,10 @@ every decoder layer, fp32, AdamW lr 1e-4, and time forward, backward and step se
 
 * ``memascend``: the model is built under :func:`memascend.meta_parameters` and materialized
   one module at a time by :func:`memascend.offload_model`, so it never exists in RAM. Bytes
-  moved and wait time come from the two swappers' ``stats()``; the pinned pool's new leases
-  (each maps, populates and locks memory) are counted by wrapping the pool instance's
-  ``lease`` (the library is unchanged).
+  moved and wait time come from the two swappers' ``stats()``; the pinned pools' leases are
+  counted by wrapping the pool instances' ``lease`` (the library is unchanged), and their new
+  mappings (each maps, populates and locks memory) from their stats. The window is declared
+  (``accumulation_steps=1``): one micro-batch per step.
 * ``deepspeed``: stock ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on NVMe (CPU
   accelerator, gloo, world size 1), the model built under ``deepspeed.zero.Init``. Bytes moved
   come from ``/proc/self/io`` (DeepSpeed has no counters). Its ``async_io`` and ``cpu_adam``
@@ -83,9 +84,14 @@ class LeaseMeter:
     """Counts the pinned pool's new leases: how many, bytes, and seconds in ``pool.lease()``.
     Wraps the instance's method; the library is unchanged."""
 
-    def __init__(self, pool: Any):
+    def __init__(self, *pools: Any):
         self.count = self.nbytes = 0
         self.seconds = 0.0
+        self.pools = pools
+        for pool in pools:
+            self._wrap(pool)
+
+    def _wrap(self, pool: Any) -> None:
         inner = pool.lease
 
         def lease(nbytes: int) -> Any:
@@ -97,6 +103,10 @@ class LeaseMeter:
             return out
 
         pool.lease = lease
+
+    def mappings(self) -> int:
+        """Arenas the pools have mapped so far (each maps, populates and locks memory)."""
+        return sum(p.stats().arenas_mapped_total for p in self.pools)
 
     def snapshot(self) -> tuple[int, int, float]:
         return self.count, self.nbytes, self.seconds
@@ -111,7 +121,7 @@ def _stats_dict(s: Any) -> dict[str, Any]:
 def _memascend_step(i: int, model: Any, om: Any, meter: LeaseMeter, ids: Any) -> dict[str, Any]:
     """One timed training step and its swapper, I/O and CPU deltas."""
     ps0, os0, io0 = om.params_sw.stats(), om.optim_sw.stats(), proc_io()
-    cpu0, lease0 = cpu_seconds(), meter.snapshot()
+    cpu0, lease0, maps0 = cpu_seconds(), meter.snapshot(), meter.mappings()
     t0 = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     t1 = time.perf_counter()
@@ -129,7 +139,7 @@ def _memascend_step(i: int, model: Any, om: Any, meter: LeaseMeter, ids: Any) ->
            "proc_read_bytes": io1[0] - io0[0], "proc_write_bytes": io1[1] - io0[1],
            "vm_hwm_bytes": proc_status().get("VmHWM", 0), **other_cpu(cpu0, cpu1),
            "leases_created": lease1[0] - lease0[0], "leased_bytes": lease1[1] - lease0[1],
-           "lease_s": lease1[2] - lease0[2]}
+           "lease_s": lease1[2] - lease0[2], "new_mappings": meter.mappings() - maps0}
     for tier, a, b in (("params", ps0, ps1), ("optim", os0, os1)):
         rec[f"{tier}_wait_s"] = b.wait_seconds - a.wait_seconds
         rec[f"{tier}_bytes_read"] = b.bytes_read - a.bytes_read
@@ -146,7 +156,6 @@ def child_memascend(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
-    from memascend import PinnedPool
     from memascend.offload import AdamW, meta_parameters, offload_model
 
     corpus, gen, cfg = _child_common(spec)
@@ -155,18 +164,14 @@ def child_memascend(spec: dict[str, Any]) -> dict[str, Any]:
         model = transformers.LlamaForCausalLM(cfg)
     enable_checkpointing(model)
     model.train()
-    pool = PinnedPool(lock="auto")
-    meter = LeaseMeter(pool)
     t0 = time.perf_counter()
-    try:
-        om = offload_model(model, spec["swap_dir"], budget=spec["param_budget"],
-                           optimizer_budget=spec["optim_budget"], pool=pool,
-                           optimizer=AdamW(lr=LR, weight_decay=0.0),
-                           compute_dtype=torch.float32, init=model._init_weights)
-    except BaseException:
-        pool.close()
-        raise
+    # one micro-batch per step: the window is declared, so no gradient goes to SSD
+    om = offload_model(model, spec["swap_dir"], budget=spec["param_budget"],
+                       optimizer_budget=spec["optim_budget"],
+                       optimizer=AdamW(lr=LR, weight_decay=0.0), accumulation_steps=1,
+                       compute_dtype=torch.float32, init=model._init_weights)
     init_s = time.perf_counter() - t0
+    meter = LeaseMeter(om.pool, om.optim_pool)
     steps = []
     try:
         for i in range(spec["steps"]):
@@ -187,6 +192,8 @@ def child_memascend(spec: dict[str, Any]) -> dict[str, Any]:
             "budget_bytes": {"params": spec["param_budget"], "optim": spec["optim_budget"]},
             "pinned_peak_bytes": {"params": ps.pinned_peak, "optim": os_.pinned_peak},
             "pool": om.pool.stats().to_dict(),
+            "optim_pool": om.optim_pool.stats().to_dict(),
+            "offload_stats": om.stats().to_dict(),
             "leases": dict(zip(("created", "bytes", "seconds"), meter.snapshot())),
             "engine_backend": om.engine.backend,
             # saved weight views kept as copies (extra RAM); 0 when all were re-derived
@@ -195,7 +202,6 @@ def child_memascend(spec: dict[str, Any]) -> dict[str, Any]:
         }
     finally:
         om.close()
-        pool.close()
     result["ssd_allocated_bytes"] = allocated_bytes(spec["swap_dir"])
     st = proc_status()
     result["peak_rss_bytes"] = st.get("VmHWM", 0)

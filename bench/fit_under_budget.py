@@ -35,12 +35,13 @@ How:
   16 B/parameter. ``state_to_ram_limit`` = that / the limit; the JSON also gives the state
   without gradients (12 B/parameter) and the issue's "fp32 master + Adam moments + bf16
   params" (14 B/parameter, ``issue_state_to_ram_limit``) over the limit. On SSD:
-  4 B/parameter in the parameter tier + 16 in the optimizer tier (master, m, v, gradient).
+  4 B/parameter in the parameter tier (in fp32 the parameter is its own master) + 8 in the
+  optimizer tier (m, v); the step is fused into backward, so no gradient is stored.
 * **Pinned budgets** (``--budget``, per tier): by default the parameter tier gets
   max(3 x the largest tensor, 2 decoder layers + the largest tensor), so a layer's weights can
   stay resident from its recompute to its backward instead of being read a third time, and
-  the optimizer tier 5x the largest tensor (the step holds a parameter's master, gradient and
-  two moments at once, and reads ahead).
+  the optimizer tier 5x the largest tensor (an update holds a parameter's two moments, and the
+  next parameters' moments are read ahead).
 * **Per step** (the first is a warm-up: the swappers learn the access order and the moments
   are created; it is reported but not in the medians) the child records the wall time of
   forward + backward + ``om.step()`` and its three parts, the bytes the two swappers read and
@@ -136,7 +137,7 @@ FULL = {"model": "llama-1b", "limit": 4608 * MiB, "steps": 3, "batch": 1, "seq_l
         "bw_bytes": 1 * GiB, "timeout": 1800.0, "compute_reps": 2}
 QUICK = {"model": "quick", "limit": 1152 * MiB, "steps": 2, "batch": 1, "seq_len": 16,
          "bw_bytes": 256 * MiB, "timeout": 300.0, "compute_reps": 1}
-SSD_BYTES_PER_PARAM = 20  # fp32: parameter tier 4 + optimizer tier 16 (master, m, v, grad)
+SSD_BYTES_PER_PARAM = 12  # fp32: the parameter (its own master) 4 + m and v 8
 SSD_GROWTH = 2  # a store may grow to ~2x its stored bytes before reclaiming (sync_slack 1.0)
 
 

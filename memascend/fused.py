@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -63,13 +64,12 @@ class Counts:
     skipped_steps: int = 0       # fp16 overflow
     updates_fused: int = 0       # parameter updates done in backward
     updates_in_step: int = 0     # parameter updates done in step()
-    extra: dict[str, Any] = field(default_factory=dict)
-
+    update_seconds: float = 0.0  # in the AdamW kernels (worker thread)
+    read_wait_seconds: float = 0.0  # the worker waited for the state's reads
+    queue_wait_seconds: float = 0.0  # backward waited for the worker (queue full)
     def to_dict(self) -> dict[str, Any]:
         """The counts as a plain dict."""
-        d = dict(self.__dict__)
-        d.update(d.pop("extra"))
-        return d
+        return dict(self.__dict__)
 
 
 class FusedAdam:
@@ -92,11 +92,14 @@ class FusedAdam:
         False: every window is deferred (two-phase).
     queue_bytes:
         Most gradient bytes handed over and not yet processed before backward waits.
+    host_threads:
+        Threads of the worker's AdamW kernels (its own OpenMP team), or None for torch's
+        default.
     """
 
     def __init__(self, tiers: Any, order: list[str], optimizer: AdamW,
                  accumulation_steps: Optional[int], max_grad_norm: Optional[float],
-                 fused: bool, queue_bytes: int):
+                 fused: bool, queue_bytes: int, host_threads: Optional[int] = None):
         self.t = tiers
         self.order = order
         self.hp = optimizer
@@ -105,6 +108,7 @@ class FusedAdam:
         self.max_grad_norm = max_grad_norm
         self.fused = fused
         self.queue_bytes = queue_bytes
+        self.host_threads = host_threads
         self.fp32 = tiers.compute_dtype == torch.float32
         self.fp16 = tiers.compute_dtype == torch.float16
         self.steps: dict[str, torch.Tensor] = {n: torch.tensor(0.0) for n in order}
@@ -118,6 +122,7 @@ class FusedAdam:
         self._pending = 0  # jobs not yet processed
         self._error: Optional[BaseException] = None
         self._writes: list[Any] = []
+        self._g_writes: dict[str, Any] = {}  # the last write of each g/<name> (worker only)
         self._new_window()
         self._worker = threading.Thread(target=self._run, name="memascend-step", daemon=True)
         self._worker.start()
@@ -245,9 +250,11 @@ class FusedAdam:
                               last=self.deferred_last))
 
     def _submit(self, job: _Job) -> None:
+        t0 = time.perf_counter()
         with self._mu:
             self._mu.wait_for(lambda: self._queued + job.nbytes <= self.queue_bytes
                               or self._queued == 0 or self._error is not None)
+            self.counts.queue_wait_seconds += time.perf_counter() - t0
             self._queued += job.nbytes
             self._pending += 1
         self._q.put(job)
@@ -285,6 +292,7 @@ class FusedAdam:
         with self._mu:
             self._mu.wait_for(lambda: self._pending == 0)
             writes, self._writes = self._writes, []
+            self._g_writes = {}
         first = None
         for h in writes:
             try:
@@ -296,6 +304,9 @@ class FusedAdam:
 
     # ---- the worker ----
     def _run(self) -> None:
+        if self.host_threads:
+            # this thread's own OpenMP team size: the compute thread's is unchanged
+            torch.set_num_threads(self.host_threads)
         while True:
             job = self._q.get()
             if job is None:
@@ -339,24 +350,35 @@ class FusedAdam:
         g = g32 * (1.0 / self.t.loss_scale) if self.fp16 else g32
         self.norms[name] = torch.linalg.vector_norm(g, 2.0)
 
+    def _g_sum(self, name: str) -> torch.Tensor:
+        """The stored gradient sum of ``name``, resident and held, safe to add to in place
+        (its previous write, which reads the same buffer, has completed)."""
+        h = self._g_writes.pop(name, None)
+        if h is not None:
+            h.wait()
+        return self.t.optim_sw.swap_in(f"g/{name}").wait()
+
+    def _write_g(self, name: str, g: torch.Tensor) -> None:
+        self._g_writes[name] = self._write(self.t.optim_sw, f"g/{name}", g)
+
     def _do_accumulate(self, job: _Job) -> None:
         """Add a micro-batch's gradient to ``g/<name>`` (fp32)."""
         self._check_overflow(job.grad)
         sw, key = self.t.optim_sw, f"g/{job.name}"
         if job.name in self.accumulated:
-            acc = sw.swap_in(key).wait()
+            acc = self._g_sum(job.name)
             try:
                 acc.add_(job.grad)
                 if job.last:
                     self._norm(job.name, acc)
-                self._write(sw, key, acc)
+                self._write_g(job.name, acc)
             finally:
                 del acc
                 sw.release(key)
         else:
             if job.last:
                 self._norm(job.name, job.grad.float())
-            self._write(sw, key, job.grad)  # converted to fp32 in the buffer
+            self._write_g(job.name, job.grad)  # converted to fp32 in the buffer
             self.accumulated.add(job.name)
 
     def _do_final(self, job: _Job) -> None:
@@ -370,13 +392,13 @@ class FusedAdam:
         try:
             if n in self.accumulated:
                 held.append(gkey)
-                g = osw.swap_in(gkey).wait()
+                g = self._g_sum(n)
                 g.add_(job.grad)
             else:
                 g = job.grad if job.grad.dtype == torch.float32 else job.grad.float()
             self._norm(n, g)
             if self.keep_grads:  # g/n is read again only to redo the window
-                self._write(osw, gkey, g)  # held: a write of its own buffer, no copy
+                self._write_g(n, g)  # held: a write of its own buffer, no copy
                 self.accumulated.add(n)
             state = self._acquire_state(n, held)
             # keep the old versions aside (their reads are done or in flight, which hold the
@@ -403,9 +425,11 @@ class FusedAdam:
         behind from their own buffers. ``p_view``: the parameter tier's buffer to write (the
         master itself in fp32; a compute-dtype buffer filled from the master; or the master,
         converted by the swapper into a new buffer)."""
+        t0 = time.perf_counter()
         adamw_update(master, g, state[f"m/{n}"], state[f"v/{n}"], self.steps[n],
                      lr=self.hp.lr, betas=self.hp.betas, eps=self.hp.eps,
                      weight_decay=self.hp.weight_decay)
+        self.counts.update_seconds += time.perf_counter() - t0
         if p_view is not master and p_view.dtype != master.dtype:
             p_view.copy_(master)  # the compute-dtype copy, in its own buffer
         self._write(self.t.params_sw, f"p/{n}", p_view, release=False)
@@ -433,7 +457,9 @@ class FusedAdam:
                 out[k] = osw.create(k)
                 held.append(k)
             else:
+                t0 = time.perf_counter()
                 out[k] = h.wait()
+                self.counts.read_wait_seconds += time.perf_counter() - t0
         return out
 
     # ---- step() side ----

@@ -109,7 +109,8 @@ class OffloadedModel:
                  init: Optional[Callable[[torch.nn.Module], None]] = None,
                  accumulation_steps: Optional[int] = None,
                  max_grad_norm: Optional[float] = None, fused_step: bool = True,
-                 heap_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD):
+                 heap_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
+                 host_threads: Optional[int] = None):
         if isinstance(compute_dtype, str):
             if compute_dtype not in COMPUTE_DTYPES:
                 raise ConfigError("compute_dtype", f"must be one of {sorted(COMPUTE_DTYPES)}")
@@ -128,6 +129,10 @@ class OffloadedModel:
             raise ConfigError("max_grad_norm", f"must be a number > 0 or None, got "
                                                f"{max_grad_norm!r}")
         check_threshold("heap_mmap_threshold", heap_mmap_threshold)
+        if host_threads is not None and (isinstance(host_threads, bool) or
+                                         not isinstance(host_threads, int) or host_threads < 1):
+            raise ConfigError("host_threads", f"must be an integer >= 1 or None, got "
+                                              f"{host_threads!r}")
         previous = getattr(model, "_memascend_offloaded_to", None)
         if previous is not None:
             raise ConfigError("model", f"is already offloaded to {previous} (its parameters are "
@@ -182,7 +187,8 @@ class OffloadedModel:
             self._fused = FusedAdam(self, list(self._params), self.opt, accumulation_steps,
                                     max_grad_norm, fused_step,
                                     queue_bytes=offload_queue_bytes(
-                                        [math.prod(v) for v in self._shapes.values()], opt_b))
+                                        [math.prod(v) for v in self._shapes.values()], opt_b),
+                                    host_threads=host_threads)
             self._opened.append(self._fused)
             self._tier = ParamTier(self._params, self.params_sw, compute_dtype,
                                    self._backward_event, lambda: self._fused.busy,
