@@ -82,15 +82,17 @@ def main(spec_path: str) -> int:
     accum = spec.get("accumulation", 1)
     om = opt = None
     if spec["kind"] == "ram":
+        kernel = {"fused": True} if spec.get("fused_adam") else {"foreach": False}
         opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["wd"],
-                                foreach=False)
+                                **kernel)
     else:
         import memascend
 
         opts = dict(spec.get("offload_options", {}))
         om = memascend.offload_model(model, spec["swap_dir"],
-                                     optimizer=memascend.AdamW(lr=spec["lr"],
-                                                               weight_decay=spec["wd"]),
+                                     optimizer=memascend.AdamW(
+                                         lr=spec["lr"], weight_decay=spec["wd"],
+                                         fused=bool(spec.get("fused_adam"))),
                                      **opts)
     gc.collect()
     hwm_reset = _reset_hwm()

