@@ -24,9 +24,11 @@ unknown, when clipping is predicted (the previous step clipped), or with ``fused
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -35,6 +37,20 @@ import torch
 from .adam import AdamW, adamw_update
 from .errors import MemAscendError
 from .overflow import has_inf_or_nan
+
+
+# Workers still running at interpreter exit finish their jobs and stop before the interpreter
+# finalizes (a daemon thread in torch code then aborts the process).
+_LIVE: "weakref.WeakSet[FusedAdam]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    for f in list(_LIVE):
+        try:
+            f.close(timeout=30.0)
+        except Exception:  # best effort at exit
+            pass
 
 
 @dataclass
@@ -126,6 +142,7 @@ class FusedAdam:
         self._new_window()
         self._worker = threading.Thread(target=self._run, name="memascend-step", daemon=True)
         self._worker.start()
+        _LIVE.add(self)
 
     # ---- the window ----
     def _new_window(self) -> None:
@@ -592,10 +609,11 @@ class FusedAdam:
             self.counts.rollbacks_discarded += 1
         self._new_window()
 
-    def close(self) -> None:
-        """Stop the worker (after the jobs handed over)."""
-        self._q.put(None)
-        self._worker.join()
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop the worker (after the jobs handed over). Idempotent."""
+        if self._worker.is_alive():
+            self._q.put(None)
+            self._worker.join(timeout)
 
 
 def _release(sw: Any, keys: list[str]) -> None:

@@ -26,9 +26,11 @@ consumer asks for before its prefetch started is read on demand on the consumer'
 """
 from __future__ import annotations
 
+import atexit
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -47,6 +49,21 @@ def _torch():
     import torch
 
     return torch
+
+
+# Prefetch threads still running at interpreter exit are stopped first (before the engines
+# close: handlers run last-registered first). A daemon thread that drops a tensor view while
+# the interpreter finalizes is killed inside torch's destructor and aborts the process.
+_LIVE: "weakref.WeakSet[TensorSwapper]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_prefetchers() -> None:
+    for sw in list(_LIVE):
+        try:
+            sw._stop_prefetcher(timeout=5.0)
+        except Exception:  # best effort at exit
+            pass
 
 
 def _dtype(d: Any):
@@ -237,6 +254,7 @@ class TensorSwapper:
         self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True,
                                             name="memascend-prefetch")
         self._prefetcher.start()
+        _LIVE.add(self)
 
     # ---- metadata ----
     def register(self, key: str, shape: Sequence[int], dtype: Any, *,
@@ -832,15 +850,18 @@ class TensorSwapper:
         if self._closed:
             raise ValueError("the swapper is closed")
 
-    def close(self) -> None:
-        """Finish in-flight I/O and give every buffer back to the pool. Idempotent."""
-        if self._closed:
-            return
+    def _stop_prefetcher(self, timeout: Optional[float] = None) -> None:
         with self._cv:
             self._stopping = True
         self._kick()
         if self._prefetcher is not threading.current_thread():
-            self._prefetcher.join()
+            self._prefetcher.join(timeout)
+
+    def close(self) -> None:
+        """Finish in-flight I/O and give every buffer back to the pool. Idempotent."""
+        if self._closed:
+            return
+        self._stop_prefetcher()
         self.wait_idle(self.config.wait_timeout)
         self._bg.shutdown(wait=True)
         with self._cv:

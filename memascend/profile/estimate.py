@@ -513,7 +513,7 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
     gradients handed to the optimizer's worker and not yet used
     (:func:`memascend.sizing.offload_queue_bytes`) and, the step being fused into backward,
     the AdamW temporaries of the largest parameter. ``offload_model`` fixes glibc's mmap
-    threshold at 1 MiB (its ``heap_mmap_threshold``), so freed tensors are not retained.
+    threshold at 128 KiB (its ``heap_mmap_threshold``), so freed tensors are not retained.
 
     Parameters
     ----------
