@@ -98,6 +98,22 @@ def set_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
         # Keep the heap top from growing a retained tail either: trim it past 2x the threshold.
         libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)
         _applied = nbytes
+    # What the dynamic threshold placed in the heap before (e.g. a model built on the CPU and
+    # moved to the meta device, one parameter at a time) is freed but would stay resident.
+    release_free()
+    return True
+
+
+def release_free() -> bool:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim(0)``: it also
+    releases free pages in the middle of the heap). Freed tensors that an earlier, dynamic
+    threshold placed in the heap are not retained after the threshold is fixed. False on a
+    C library without it."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
     return True
 
 
@@ -106,5 +122,5 @@ def mmap_threshold() -> Optional[int]:
     return _applied
 
 
-__all__ = ["set_mmap_threshold", "mmap_threshold", "check_threshold",
+__all__ = ["set_mmap_threshold", "mmap_threshold", "release_free", "check_threshold",
            "DEFAULT_MMAP_THRESHOLD", "MAX_MMAP_THRESHOLD"]

@@ -42,8 +42,9 @@ from .engine import SwapEngine
 from .errors import ConfigError, MemAscendError
 from .files import private_dirs
 from .fused import FusedAdam
-from .heap import check_threshold, set_mmap_threshold
-from .offload_setup import check_budgets, meta_parameters, tier_pools, write_parameters
+from .heap import check_threshold, release_free, set_mmap_threshold
+from .offload_setup import (PLAIN_MMAP_THRESHOLD, check_budgets, meta_parameters, tier_pools,
+                            write_parameters)
 from .overflow import has_inf_or_nan as _has_inf_or_nan  # noqa: F401 - kept importable here
 from .pool import PinnedPool
 from .param_tier import ParamTier
@@ -56,11 +57,6 @@ __all__ = ["AdamW", "LossScaler", "OffloadedModel", "OffloadStats", "offload_mod
            "meta_parameters"]
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# glibc's mmap threshold for the plain path: its many small tensors (norms, biases, a small
-# model's weights) would stay in the heap above 128 KiB (the demo: 726 MiB peak RSS at 1 MiB,
-# 629 MiB at 128 KiB); the price is page faults on fresh tensors (at 134M parameters, 0 = the
-# dynamic threshold saved 0.35 CPU-s per step for 0.22 GiB more peak RSS).
-PLAIN_MMAP_THRESHOLD = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -233,6 +229,7 @@ class OffloadedModel:
         """Write every parameter to its tiers (see :func:`offload_setup.write_parameters`)."""
         self._params, self.name_of, self._shapes = write_parameters(
             self.model, self.params_sw, self.optim_sw, self.compute_dtype, init)
+        release_free()  # the model's in-RAM weights are on SSD now: their pages go back
         self.uses: dict[str, int] = {}  # grad-enabled forward calls per parameter
         self.fetched: dict[str, int] = {}  # module backwards started per parameter
         self._pending: list[str] = []  # gradients accumulated, more may come this backward
