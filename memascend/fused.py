@@ -20,7 +20,9 @@ the stored gradients with the clipping coefficient, bitwise as ``clip_grad_norm_
 the window was predicted to have. A window runs *deferred* instead (gradients stored in
 backward, the update in :meth:`step`, as a two-phase step) when the window length is still
 unknown, when clipping is predicted (the previous step clipped), or with ``fused=False``.
-:attr:`FusedAdam.counts` says how often each path ran.
+:attr:`FusedAdam.counts` says how often each path ran. What the worker thread does for one
+parameter is in :mod:`memascend.update_jobs`; this module holds the window: when it ends,
+which path it takes, and its commit or undo.
 """
 from __future__ import annotations
 
@@ -34,9 +36,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .adam import AdamW, adamw_update
+from .adam import AdamW
 from .errors import MemAscendError
-from .overflow import has_inf_or_nan
+from .update_jobs import UpdateJobs, Job
 
 
 # Workers still running at interpreter exit finish their jobs and stop before the interpreter
@@ -51,20 +53,6 @@ def _stop_live_workers() -> None:
             f.close(timeout=30.0)
         except Exception:  # best effort at exit
             pass
-
-
-@dataclass
-class _Job:
-    """One unit of host work for one parameter, run on the worker thread."""
-
-    kind: str  # "accumulate" | "final" | "update"
-    name: str
-    grad: Optional[torch.Tensor] = None  # autograd's gradient (compute dtype)
-    view: Optional[torch.Tensor] = None  # the resident parameter buffer (fused finals)
-    releases: int = 0  # parameter-tier holds this job gives back
-    coef: Optional[torch.Tensor] = None  # clipping coefficient (updates from the store)
-    nbytes: int = 0
-    last: bool = False  # an accumulation that completes the window's gradient (norm it)
 
 
 @dataclass
@@ -88,7 +76,7 @@ class Counts:
         return dict(self.__dict__)
 
 
-class FusedAdam:
+class FusedAdam(UpdateJobs):
     """See the module docstring. Built and driven by :class:`memascend.offload.OffloadedModel`.
 
     Parameters
@@ -132,7 +120,7 @@ class FusedAdam:
         self.counts = Counts()
         self.last_grad_norm: Optional[float] = None
         self._clipped_last = True  # the first window with clipping runs deferred
-        self._q: "queue.Queue[Optional[_Job]]" = queue.Queue()
+        self._q: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._mu = threading.Condition()
         self._queued = 0  # gradient bytes handed over, not yet processed
         self._pending = 0  # jobs not yet processed
@@ -261,12 +249,12 @@ class FusedAdam:
         nbytes = grad.numel() * grad.element_size()
         if self.in_final:
             self.final_sent.add(name)
-            self._submit(_Job("final", name, grad, view, releases, nbytes=nbytes))
+            self._submit(Job("final", name, grad, view, releases, nbytes=nbytes))
         else:
-            self._submit(_Job("accumulate", name, grad, nbytes=nbytes,
+            self._submit(Job("accumulate", name, grad, nbytes=nbytes,
                               last=self.deferred_last))
 
-    def _submit(self, job: _Job) -> None:
+    def _submit(self, job: Job) -> None:
         t0 = time.perf_counter()
         with self._mu:
             self._mu.wait_for(lambda: self._queued + job.nbytes <= self.queue_bytes
@@ -319,195 +307,7 @@ class FusedAdam:
         if first is not None and self._error is None:
             self._error = first
 
-    # ---- the worker ----
-    def _run(self) -> None:
-        if self.host_threads:
-            # this thread's own OpenMP team size: the compute thread's is unchanged
-            torch.set_num_threads(self.host_threads)
-        while True:
-            job = self._q.get()
-            if job is None:
-                return
-            try:
-                if self._error is None:
-                    getattr(self, f"_do_{job.kind}")(job)
-            except BaseException as exc:
-                exc.__traceback__ = None  # frames would keep pinned views alive
-                with self._mu:
-                    if self._error is None:
-                        self._error = exc
-            finally:
-                try:
-                    for _ in range(job.releases):
-                        self.t.params_sw.release(f"p/{job.name}")
-                except BaseException as exc:
-                    with self._mu:
-                        self._error = self._error or exc
-                job.grad = job.view = None
-                with self._mu:
-                    self._queued -= job.nbytes
-                    self._pending -= 1
-                    self._mu.notify_all()
-
-    def _write(self, sw: Any, key: str, tensor: torch.Tensor, release: bool = True) -> Any:
-        h = sw.swap_out(key, tensor, release=release)
-        with self._mu:
-            self._writes.append(h)
-        return h
-
-    def _check_overflow(self, grad: torch.Tensor) -> None:
-        if self.fp16 and not self.overflow and has_inf_or_nan(grad):
-            self.overflow = True
-
-    def _norm(self, name: str, g32: torch.Tensor) -> None:
-        """The gradient's norm for clipping (after fp16 unscaling, as clip_grad_norm_ sees
-        it)."""
-        if self.max_grad_norm is None:
-            return
-        g = g32 * (1.0 / self.t.loss_scale) if self.fp16 else g32
-        self.norms[name] = torch.linalg.vector_norm(g, 2.0)
-
-    def _g_sum(self, name: str) -> torch.Tensor:
-        """The stored gradient sum of ``name``, resident and held, safe to add to in place
-        (its previous write, which reads the same buffer, has completed)."""
-        h = self._g_writes.pop(name, None)
-        if h is not None:
-            h.wait()
-        return self.t.optim_sw.swap_in(f"g/{name}").wait()
-
-    def _write_g(self, name: str, g: torch.Tensor) -> None:
-        self._g_writes[name] = self._write(self.t.optim_sw, f"g/{name}", g)
-
-    def _do_accumulate(self, job: _Job) -> None:
-        """Add a micro-batch's gradient to ``g/<name>`` (fp32)."""
-        self._check_overflow(job.grad)
-        sw, key = self.t.optim_sw, f"g/{job.name}"
-        if job.name in self.accumulated:
-            acc = self._g_sum(job.name)
-            try:
-                acc.add_(job.grad)
-                if job.last:
-                    self._norm(job.name, acc)
-                self._write_g(job.name, acc)
-            finally:
-                del acc
-                sw.release(key)
-        else:
-            if job.last:
-                self._norm(job.name, job.grad.float())
-            self._write_g(job.name, job.grad)  # converted to fp32 in the buffer
-            self.accumulated.add(job.name)
-
-    def _do_final(self, job: _Job) -> None:
-        """A fused update in the window's last micro-batch (speculative until step())."""
-        n, t = job.name, self.t
-        self._check_overflow(job.grad)
-        if self.overflow:
-            return  # the step will be skipped: nothing to speculate on
-        osw, gkey = t.optim_sw, f"g/{n}"
-        held: list[str] = []
-        try:
-            if n in self.accumulated:
-                held.append(gkey)
-                g = self._g_sum(n)
-                g.add_(job.grad)
-            else:
-                g = job.grad if job.grad.dtype == torch.float32 else job.grad.float()
-            self._norm(n, g)
-            if self.keep_grads:  # g/n is read again only to redo the window
-                self._write_g(n, g)  # held: a write of its own buffer, no copy
-                self.accumulated.add(n)
-            state = self._acquire_state(n, held)
-            # keep the old versions aside (their reads are done or in flight, which hold the
-            # extents): the update is a speculation until step()
-            for _sw, store, key in self._keys(n):
-                if key in store:
-                    store.rename(key, key + "~")
-            self.updated[n] = (float(self.steps[n]), n in self.has_state)
-            master = job.view if self.fp32 else state[f"master/{n}"]
-            if self.fp16:  # out of place when g is a buffer being written or cached
-                g = g.mul(1.0 / t.loss_scale) if held or self.keep_grads \
-                    else g.mul_(1.0 / t.loss_scale)
-            self._update(n, master, g, state, job.view)
-            self.counts.updates_fused += 1
-            del master, state, g
-        finally:
-            _release(osw, held)
-            if gkey in held and not self.keep_grads:
-                osw.forget(gkey)  # summed in place, not written: not the stored g/<name>
-
-    def _update(self, n: str, master: torch.Tensor, g: torch.Tensor,
-                state: dict[str, torch.Tensor], p_view: torch.Tensor) -> None:
-        """AdamW on ``master`` (in place), then write the parameter and the optimizer state
-        behind from their own buffers. ``p_view``: the parameter tier's buffer to write (the
-        master itself in fp32; a compute-dtype buffer filled from the master; or the master,
-        converted by the swapper into a new buffer)."""
-        t0 = time.perf_counter()
-        adamw_update(master, g, state[f"m/{n}"], state[f"v/{n}"], self.steps[n],
-                     lr=self.hp.lr, betas=self.hp.betas, eps=self.hp.eps,
-                     weight_decay=self.hp.weight_decay, fused=self.hp.fused)
-        self.counts.update_seconds += time.perf_counter() - t0
-        if p_view is not master and p_view.dtype != master.dtype:
-            p_view.copy_(master)  # the compute-dtype copy, in its own buffer
-        self._write(self.t.params_sw, f"p/{n}", p_view, release=False)
-        for key, view in state.items():
-            self._write(self.t.optim_sw, key, view)
-        self.has_state.add(n)
-
-    def _acquire_state(self, n: str, held: list[str]) -> dict[str, torch.Tensor]:
-        """The optimizer-tier state of ``n`` resident: read (reads issued together), or
-        zero-filled moments on the first update. Each key is appended to ``held`` as soon as
-        it is held; the caller releases them."""
-        osw = self.t.optim_sw
-        keys = ([] if self.fp32 else [f"master/{n}"]) + [f"m/{n}", f"v/{n}"]
-        fresh = n not in self.has_state
-        handles = []
-        for k in keys:
-            if fresh and not k.startswith("master/"):
-                handles.append((k, None))
-            else:
-                held.append(k)
-                handles.append((k, osw.swap_in(k)))
-        out = {}
-        for k, h in handles:
-            if h is None:
-                out[k] = osw.create(k)
-                held.append(k)
-            else:
-                t0 = time.perf_counter()
-                out[k] = h.wait()
-                self.counts.read_wait_seconds += time.perf_counter() - t0
-        return out
-
     # ---- step() side ----
-    def _do_update(self, job: _Job) -> None:
-        """A two-phase update from the stored gradient (deferred windows, redone windows)."""
-        n, t = job.name, self.t
-        osw, gkey = t.optim_sw, f"g/{n}"
-        held: list[str] = []
-        p_held = False
-        try:
-            held.append(gkey)
-            g = osw.swap_in(gkey).wait()
-            if self.fp32:
-                p_held = True
-                master = t.params_sw.swap_in(f"p/{n}", observe=False).wait()
-            state = self._acquire_state(n, held)
-            if not self.fp32:
-                master = state[f"master/{n}"]
-            if self.fp16:
-                g.mul_(1.0 / t.loss_scale)
-            if job.coef is not None:
-                g.mul_(job.coef)
-            self._update(n, master, g, state, master)
-            self.counts.updates_in_step += 1
-            del master, state, g
-        finally:
-            _release(osw, held)
-            if p_held:
-                t.params_sw.release(f"p/{n}")
-            osw.forget(gkey)  # scaled in place: not the stored g/<name> any more
-
     def _rollback(self) -> None:
         """Undo this window's fused updates: drop the new resident copies and put the old
         versions back (renames); step counts and moment existence as before."""
@@ -535,7 +335,7 @@ class FusedAdam:
         prefetch(names[:2])
         for i, n in enumerate(names):
             prefetch(names[i + 2:i + 3])
-            self._submit(_Job("update", n, coef=coef))
+            self._submit(Job("update", n, coef=coef))
         self.wait()
         self._raise_failure()
 
@@ -615,11 +415,3 @@ class FusedAdam:
             self._q.put(None)
             self._worker.join(timeout)
 
-
-def _release(sw: Any, keys: list[str]) -> None:
-    """Give back held keys; a key whose read failed is no longer held (nothing to give)."""
-    for key in keys:
-        try:
-            sw.release(key)
-        except ValueError:
-            pass
