@@ -70,17 +70,17 @@ BUDGETS = {"523m": "1GiB"}
 
 
 def parse_config(name: str) -> dict[str, Any]:
-    """``MODEL-BxS[-ckpt][-accN][-clipX][-fusedadam]`` -> a configuration dict (fusedadam:
-    torch's fused AdamW kernel in both runs)."""
+    """``MODEL-BxS[-ckpt][-accN][-clipX][-fusedadam][-nooverlap]`` -> a configuration dict
+    (fusedadam: torch's fused AdamW kernel in both runs; nooverlap: the offloaded run with
+    ``overlap_step=False``, its step's updates done before step() returns)."""
     parts = name.split("-")
     if parts[0] not in MODELS or len(parts) < 2 or "x" not in parts[1]:
-        raise ValueError(f"bad configuration {name!r}: MODEL-BATCHxSEQ[-ckpt][-accN][-clipX], "
-                         "MODEL "
-                         f"one of {sorted(MODELS)}")
+        raise ValueError(f"bad configuration {name!r}: MODEL-BATCHxSEQ[-ckpt][-accN][-clipX]"
+                         f"[-fusedadam][-nooverlap], MODEL one of {sorted(MODELS)}")
     b, s = parts[1].split("x")
     cfg = {"name": name, "model": parts[0], "batch": int(b), "seq": int(s),
            "checkpointing": False, "accumulation": 1, "max_grad_norm": None,
-           "fused_adam": False}
+           "fused_adam": False, "overlap_step": True}
     for extra in parts[2:]:
         if extra == "ckpt":
             cfg["checkpointing"] = True
@@ -90,6 +90,8 @@ def parse_config(name: str) -> dict[str, Any]:
             cfg["max_grad_norm"] = float(extra[4:])
         elif extra == "fusedadam":
             cfg["fused_adam"] = True
+        elif extra == "nooverlap":
+            cfg["overlap_step"] = False
         else:
             raise ValueError(f"bad configuration suffix {extra!r} in {name!r}")
     return cfg
@@ -108,6 +110,8 @@ def run_child(kind: str, cfg: dict[str, Any], args: Any, workdir: str) -> dict[s
             "max_grad_norm": cfg["max_grad_norm"], "fused_adam": cfg["fused_adam"]}
     if cfg["max_grad_norm"] is not None:
         spec["offload_options"]["max_grad_norm"] = cfg["max_grad_norm"]
+    if not cfg.get("overlap_step", True):
+        spec["offload_options"]["overlap_step"] = False
     if cfg["accumulation"] > 1 and "accumulation_steps" in spec["offload_options"]:
         spec["offload_options"]["accumulation_steps"] = cfg["accumulation"]
     spec_path = os.path.join(workdir, f"{kind}.spec.json")
@@ -190,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated MODEL-BxS[-ckpt][-accN][-clipX][-fusedadam] (clipX: "
-                        "max_grad_norm X in both runs; fusedadam: torch's fused AdamW kernel "
-                        f"in both; default {DEFAULT_CONFIGS})")
+                   help="comma-separated MODEL-BxS[-ckpt][-accN][-clipX][-fusedadam]"
+                        "[-nooverlap] (clipX: max_grad_norm X in both runs; fusedadam: "
+                        "torch's fused AdamW kernel in both; nooverlap: overlap_step=False "
+                        f"offloaded; default {DEFAULT_CONFIGS})")
     p.add_argument("--pairs", type=int, default=2, help="interleaved pairs per configuration")
     p.add_argument("--steps", type=int, default=4, help="steps per run, the first a warm-up")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the medians")

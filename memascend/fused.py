@@ -18,9 +18,15 @@ skipped), when gradient clipping turns out to scale the gradients (the update is
 the stored gradients with the clipping coefficient, bitwise as ``clip_grad_norm_`` then
 ``AdamW``), when ``zero_grad()`` discards the window, or when more micro-batches arrive than
 the window was predicted to have. A window runs *deferred* instead (gradients stored in
-backward, the update in :meth:`step`, as a two-phase step) when the window length is still
+backward, the update after :meth:`step`, as a two-phase step) when the window length is still
 unknown, when clipping is predicted (the previous step clipped), or with ``fused=False``.
-:attr:`FusedAdam.counts` says how often each path ran. What the worker thread does for one
+The updates that :meth:`step` starts from stored gradients (deferred and redone windows) run
+on the worker while the next forward goes on (``overlap=True``): each module's forward waits
+only for its own parameters' updates (:meth:`await_updates`), in the order forward uses them.
+They are speculative too (old versions renamed aside) and are settled together, before the
+next backward or anything else that reads the state (:meth:`settle`): committed, or, when one
+failed, the whole step is undone and the error raised. :attr:`FusedAdam.counts` says how often
+each path ran. What the worker thread does for one
 parameter is in :mod:`memascend.update_jobs`; this module holds the window: when it ends,
 which path it takes, and its commit or undo.
 """
@@ -67,10 +73,12 @@ class Counts:
     deferred_steps: int = 0      # two-phase: gradients stored in backward, update in step()
     skipped_steps: int = 0       # fp16 overflow
     updates_fused: int = 0       # parameter updates done in backward
-    updates_in_step: int = 0     # parameter updates done in step()
+    updates_in_step: int = 0     # parameter updates from stored gradients (deferred, redone)
+    steps_undone: int = 0        # steps whose updates failed after step() returned: undone
     update_seconds: float = 0.0  # in the AdamW kernels (worker thread)
     read_wait_seconds: float = 0.0  # the worker waited for the state's reads
     queue_wait_seconds: float = 0.0  # backward waited for the worker (queue full)
+    forward_wait_seconds: float = 0.0  # forward waited for the step's updates
     def to_dict(self) -> dict[str, Any]:
         """The counts as a plain dict."""
         return dict(self.__dict__)
@@ -99,11 +107,15 @@ class FusedAdam(UpdateJobs):
     host_threads:
         Threads of the worker's AdamW kernels (its own OpenMP team), or None for torch's
         default.
+    overlap:
+        Updates from stored gradients run behind :meth:`step`, overlapping the next forward
+        (False: the owner settles them right after :meth:`step`).
     """
 
     def __init__(self, tiers: Any, order: list[str], optimizer: AdamW,
                  accumulation_steps: Optional[int], max_grad_norm: Optional[float],
-                 fused: bool, queue_bytes: int, host_threads: Optional[int] = None):
+                 fused: bool, queue_bytes: int, host_threads: Optional[int] = None,
+                 overlap: bool = True):
         self.t = tiers
         self.order = order
         self.hp = optimizer
@@ -113,6 +125,7 @@ class FusedAdam(UpdateJobs):
         self.fused = fused
         self.queue_bytes = queue_bytes
         self.host_threads = host_threads
+        self.overlap = overlap
         self.fp32 = tiers.compute_dtype == torch.float32
         self.fp16 = tiers.compute_dtype == torch.float16
         self.steps: dict[str, torch.Tensor] = {n: torch.tensor(0.0) for n in order}
@@ -127,6 +140,10 @@ class FusedAdam(UpdateJobs):
         self._error: Optional[BaseException] = None
         self._writes: list[Any] = []
         self._g_writes: dict[str, Any] = {}  # the last write of each g/<name> (worker only)
+        self._running: Optional[dict[str, tuple[float, bool]]] = None  # a step's updates
+        self._lazy: set[str] = set()  # parameters whose update from step() has not run yet
+        self._awaiting = False  # the compute thread waits in await_updates
+        self._read_ahead: Callable[[list[str]], None] = lambda names: None
         self._new_window()
         self._worker = threading.Thread(target=self._run, name="memascend-step", daemon=True)
         self._worker.start()
@@ -196,6 +213,7 @@ class FusedAdam(UpdateJobs):
         """A backward pass starts: count the micro-batch and decide whether it ends the window
         (fused, or deferred when the length is unknown, clipping is predicted, fp16 already
         overflowed, or fusing is off)."""
+        self.settle()
         self.check()
         if self.final_done:
             self._reopen()
@@ -267,6 +285,7 @@ class FusedAdam(UpdateJobs):
     def check(self) -> None:
         """Raise the worker's first error, if any (the window is then undone at step())."""
         if self._error is not None:
+            self.settle()  # a step's update failed: undo the step, raise
             raise MemAscendError(f"the optimizer's worker failed: {self._error}") \
                 from self._error
 
@@ -308,10 +327,12 @@ class FusedAdam(UpdateJobs):
             self._error = first
 
     # ---- step() side ----
-    def _rollback(self) -> None:
-        """Undo this window's fused updates: drop the new resident copies and put the old
-        versions back (renames); step counts and moment existence as before."""
-        for n, (old_step, had_state) in self.updated.items():
+    def _rollback(self, updated: Optional[dict[str, tuple[float, bool]]] = None) -> None:
+        """Undo updates (this window's fused ones by default): drop the new resident copies
+        and put the old versions back (renames); step counts and moment existence as
+        before."""
+        updated = self.updated if updated is None else updated
+        for n, (old_step, had_state) in updated.items():
             for sw, store, key in self._keys(n):
                 sw.forget(key)
                 if key + "~" in store:
@@ -321,33 +342,91 @@ class FusedAdam(UpdateJobs):
             self.steps[n] = torch.tensor(old_step)
             if not had_state:
                 self.has_state.discard(n)
-        self.updated = {}
+        updated.clear()
 
-    def _commit(self) -> None:
-        for n in self.updated:
+    def _commit(self, updated: dict[str, tuple[float, bool]]) -> None:
+        for n in updated:
             for _sw, store, key in self._keys(n):
                 if key + "~" in store:
                     store.delete(key + "~")
-        self.updated = {}
+        updated.clear()
 
-    def _run_updates(self, names: list[str], coef: Optional[torch.Tensor],
-                     prefetch: Callable[[list[str]], None]) -> None:
-        prefetch(names[:2])
+    def _start_updates(self, names: list[str], coef: Optional[torch.Tensor],
+                       record: dict[str, tuple[float, bool]]) -> None:
+        """Hand the updates from stored gradients to the worker, in forward order, each
+        reading ahead for the one two places later; ``record`` collects them (with the
+        window's fused updates) until :meth:`settle`."""
+        with self._mu:
+            self._lazy = set(names)
+        self._running = record
+        self._read_ahead(names[:2])
         for i, n in enumerate(names):
-            prefetch(names[i + 2:i + 3])
-            self._submit(Job("update", n, coef=coef))
+            self._submit(Job("update", n, coef=coef, record=record,
+                             ahead=names[i + 2:i + 3]))
+
+    def await_updates(self, names: list[str]) -> None:
+        """A forward is about to use ``names``: wait until step()'s updates of them ran.
+
+        Raises
+        ------
+        MemAscendError
+            An update of the running step failed: the whole step was undone.
+        """
+        if self._running is None:
+            return
+        t0 = time.perf_counter()
+        with self._mu:
+            self._awaiting = True  # the worker knows the forward's holds stay as they are
+            self._mu.notify_all()
+            try:
+                self._mu.wait_for(lambda: self._error is not None or
+                                  self._lazy.isdisjoint(names))
+            finally:
+                self._awaiting = False
+        self.counts.forward_wait_seconds += time.perf_counter() - t0
+        if self._error is not None:
+            self.settle()
+
+    def settle(self) -> None:
+        """Finish the updates step() left running and commit the step; when one of them
+        failed, undo the whole step (every update of it, fused ones too) and raise.
+
+        Raises
+        ------
+        MemAscendError
+            The step was undone (parameters, optimizer state and step counts are as before
+            it; its gradients are gone). The error chains the cause.
+        """
+        record = self._running
+        if record is None:
+            return
         self.wait()
-        self._raise_failure()
+        self._running = None
+        with self._mu:
+            self._lazy = set()
+        if self._error is None:
+            self._commit(record)
+            return
+        err, self._error = self._error, None
+        self.counts.steps_undone += 1
+        self.t.step_undone()  # gives back the model's holds on the parameters first
+        self._rollback(record)
+        raise MemAscendError(f"the optimizer step failed after step() returned and was undone "
+                             f"(parameters and optimizer state are as before it; redo its "
+                             f"micro-batches): {err}") from err
 
     def step(self, prefetch: Callable[[list[str]], None]) -> bool:
-        """Commit the window: finish fused updates or undo them, run deferred updates, clip.
+        """Commit the window: finish fused updates or undo them, start the updates from
+        stored gradients (deferred windows, clipping), settled later (see :meth:`settle`).
         Returns False when fp16 overflowed (the step is skipped).
 
         Raises
         ------
         MemAscendError
-            The worker failed (the window's fused updates are undone first).
+            The worker failed (the window's fused updates are undone first), or the previous
+            step's updates failed (that step is undone).
         """
+        self.settle()
         self.wait()
         self._raise_failure()
         if not self.declared and self.micro:
@@ -377,10 +456,13 @@ class FusedAdam(UpdateJobs):
             self.counts.fused_commits += 1
         elif todo and not redone:
             self.counts.deferred_steps += 1
-        if todo:
-            self._run_updates(todo, coef, prefetch)
-        self._commit()
+        record = self.updated
         self._new_window()
+        if not todo:
+            self._commit(record)
+            return True
+        self._read_ahead = prefetch
+        self._start_updates(todo, coef, record)
         return True
 
     def _clip_coef(self) -> torch.Tensor:
@@ -401,7 +483,11 @@ class FusedAdam(UpdateJobs):
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
 
     def discard(self) -> None:
-        """zero_grad() in the middle of a window: undo fused updates, forget gradients."""
+        """zero_grad() in the middle of a window: undo fused updates, forget gradients.
+        Right after step() (an empty window) it leaves the step's updates running."""
+        if self._running is not None and not (self.micro or self.updated or self.accumulated):
+            return
+        self.settle()
         self.wait()
         self._error = None
         if self.updated:

@@ -35,16 +35,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import checkpoint, module_hooks
+from . import module_hooks, offload_checkpoint
 from .adam import AdamW
 from .config import parse_size
 from .engine import SwapEngine
 from .errors import ConfigError, MemAscendError
 from .files import private_dirs
 from .fused import FusedAdam
-from .heap import check_threshold, release_free, set_mmap_threshold
-from .offload_setup import (PLAIN_MMAP_THRESHOLD, check_budgets, meta_parameters, tier_pools,
-                            write_parameters)
+from .heap import release_free, set_mmap_threshold
+from .offload_setup import (PLAIN_MMAP_THRESHOLD, check_budgets, check_options, meta_parameters,
+                            tier_pools, write_parameters)
 from .overflow import has_inf_or_nan as _has_inf_or_nan  # noqa: F401 - kept importable here
 from .pool import PinnedPool
 from .param_tier import ParamTier
@@ -56,7 +56,6 @@ from .swapper import TensorSwapper
 __all__ = ["AdamW", "LossScaler", "OffloadedModel", "OffloadStats", "offload_model",
            "meta_parameters"]
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -111,29 +110,9 @@ class OffloadedModel:
                  accumulation_steps: Optional[int] = None,
                  max_grad_norm: Optional[float] = None, fused_step: bool = True,
                  heap_mmap_threshold: int = PLAIN_MMAP_THRESHOLD,
-                 host_threads: Optional[int] = None):
-        if isinstance(compute_dtype, str):
-            if compute_dtype not in COMPUTE_DTYPES:
-                raise ConfigError("compute_dtype", f"must be one of {sorted(COMPUTE_DTYPES)}")
-            compute_dtype = COMPUTE_DTYPES[compute_dtype]
-        if compute_dtype not in COMPUTE_DTYPES.values():
-            raise ConfigError("compute_dtype", f"must be float32, bfloat16 or float16, got "
-                                               f"{compute_dtype}")
-        if accumulation_steps is not None and (isinstance(accumulation_steps, bool) or
-                                               not isinstance(accumulation_steps, int) or
-                                               accumulation_steps < 1):
-            raise ConfigError("accumulation_steps", f"must be an integer >= 1 or None, got "
-                                                    f"{accumulation_steps!r}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
-                                              not isinstance(max_grad_norm, bool) and
-                                              max_grad_norm > 0):
-            raise ConfigError("max_grad_norm", f"must be a number > 0 or None, got "
-                                               f"{max_grad_norm!r}")
-        check_threshold("heap_mmap_threshold", heap_mmap_threshold)
-        if host_threads is not None and (isinstance(host_threads, bool) or
-                                         not isinstance(host_threads, int) or host_threads < 1):
-            raise ConfigError("host_threads", f"must be an integer >= 1 or None, got "
-                                              f"{host_threads!r}")
+                 host_threads: Optional[int] = None, overlap_step: bool = True):
+        compute_dtype = check_options(compute_dtype, accumulation_steps, max_grad_norm,
+                                      heap_mmap_threshold, host_threads)
         previous = getattr(model, "_memascend_offloaded_to", None)
         if previous is not None:
             raise ConfigError("model", f"is already offloaded to {previous} (its parameters are "
@@ -189,7 +168,7 @@ class OffloadedModel:
                                     max_grad_norm, fused_step,
                                     queue_bytes=offload_queue_bytes(
                                         [math.prod(v) for v in self._shapes.values()], opt_b),
-                                    host_threads=host_threads)
+                                    host_threads=host_threads, overlap=bool(overlap_step))
             self._opened.append(self._fused)
             self._tier = ParamTier(self._params, self.params_sw, compute_dtype,
                                    self._backward_event, lambda: self._fused.busy,
@@ -245,7 +224,10 @@ class OffloadedModel:
 
     # ---- parameter tier (called by the module hooks) ----
     def fetch(self, names: list[str], hold: str) -> None:
-        """Bring ``names`` in for a module's forward (``hold="fwd"``) or backward."""
+        """Bring ``names`` in for a module's forward (``hold="fwd"``; after the running
+        step's updates of them) or backward."""
+        if hold == "fwd":
+            self._fused.await_updates(names)
         self._tier.fetch(names, hold)
 
     def release_forward(self, names: list[str]) -> None:
@@ -348,6 +330,13 @@ class OffloadedModel:
             self._end_pass(finish=False)
         self._fused.discard()
 
+    def step_undone(self) -> None:
+        """The running step failed after step() returned and is being undone: give back the
+        model's holds on the parameters (a forward that was waiting for the step is
+        interrupted by the error) and uncount the step."""
+        self._tier.drop_all()
+        self.step_count -= 1
+
     @property
     def overflow(self) -> bool:
         """fp16: whether the current window's gradients hold inf or nan (so far; waits for
@@ -363,11 +352,18 @@ class OffloadedModel:
     def step(self) -> bool:
         """Commit the optimizer step of the current window (see :mod:`memascend.fused`).
         Returns False if it was skipped (fp16 overflow); the loss scale is then halved.
+        Updates that were not fused into backward (deferred or clipped windows) may still
+        be running when it returns (``overlap_step``): the next forward waits for each
+        parameter's own update, and anything else that reads the state (backward, save,
+        master, close) for all of them.
 
         Raises
         ------
         MemAscendError
-            The step failed (e.g. an I/O error); the window's fused updates were undone.
+            The step failed (e.g. an I/O error); the window's fused updates were undone. Also
+            raised here, by the next forward or by any call that waits for the running step,
+            when that step's updates failed: it is undone whole (state and ``step_count`` as
+            before it).
         """
         if self._in_bwd:
             self._end_pass()
@@ -380,6 +376,8 @@ class OffloadedModel:
             self.skipped_steps += 1
             return False
         self.step_count += 1
+        if not self._fused.overlap:
+            self._fused.settle()
         if self.fp16:
             self._good_steps += 1
             if self._good_steps >= self.scaler.growth_interval:
@@ -422,6 +420,7 @@ class OffloadedModel:
             raise KeyError(f"no parameter {name!r}")
         if self._fused.micro or self._in_bwd:
             raise MemAscendError("master() between backward() and step(): call step() first")
+        self._fused.settle()
         self.params_sw.wait_idle()
         self.optim_sw.wait_idle()
         if self.fp32:
@@ -434,18 +433,9 @@ class OffloadedModel:
         return {n: self.master(n) for n in self._params}
 
     # ---- checkpoints ----
-    def _state(self) -> dict[str, Any]:
-        f = self._fused
-        return {"format": 2, "step_count": self.step_count, "loss_scale": self.loss_scale,
-                "good_steps": self._good_steps, "skipped_steps": self.skipped_steps,
-                "steps": {n: float(t) for n, t in f.steps.items()},
-                "has_state": sorted(f.has_state), "optimizer": asdict(self.opt),
-                "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
-                "params": {n: list(s) for n, s in self._shapes.items()}}
-
     def save(self, path: str) -> None:
-        """Write a checkpoint folder at ``path`` (see :mod:`memascend.checkpoint`: a crash at
-        any point leaves the previous or the new checkpoint loadable from ``path``).
+        """Write a checkpoint folder at ``path`` (see :mod:`memascend.offload_checkpoint`: a
+        crash at any point leaves the previous or the new checkpoint loadable from ``path``).
 
         Raises
         ------
@@ -454,13 +444,7 @@ class OffloadedModel:
         SwapIOError
             Writing failed (e.g. ENOSPC); the previous checkpoint is unchanged.
         """
-        if self._fused.micro or self._in_bwd:
-            raise MemAscendError("save() between backward() and step(): accumulated gradients "
-                                 "are not part of a checkpoint; call step() or zero_grad()")
-        self.params_sw.wait_idle()
-        self.optim_sw.wait_idle()
-        checkpoint.save(path, {"params.swp": self.param_store, "optim.swp": self.optim_store},
-                        self._state())
+        offload_checkpoint.save(self, path)
 
     def load(self, path: str) -> None:
         """Restore a checkpoint written by :meth:`save` (same model structure). Everything is
@@ -474,25 +458,7 @@ class OffloadedModel:
         MemAscendError
             The checkpoint does not match this model.
         """
-        folder, state, entries = checkpoint.read(path, ("params.swp", "optim.swp"))
-        got = checkpoint.check_model(folder, state, entries, shapes=self._shapes,
-                                     compute_dtype=str(self.compute_dtype).split(".")[-1],
-                                     fp32_master_in_params=self.fp32)
-        if self._in_bwd:
-            raise MemAscendError("load() during backward")
-        self._fused.discard()
-        self.params_sw.wait_idle()
-        self.optim_sw.wait_idle()
-        for store, sw, fname in ((self.param_store, self.params_sw, "params.swp"),
-                                 (self.optim_store, self.optim_sw, "optim.swp")):
-            sw.drop_resident()
-            store.import_from(os.path.join(folder, fname))
-        self.step_count = int(got["step_count"])
-        self.loss_scale = float(got["loss_scale"])
-        self._good_steps = int(got["good_steps"])
-        self.skipped_steps = int(got["skipped_steps"])
-        self._fused.steps = {n: torch.tensor(float(got["steps"][n])) for n in self._params}
-        self._fused.has_state = set(got["has_state"])
+        offload_checkpoint.load(self, path)
 
     # ---- lifecycle ----
     def training_state_bytes(self) -> dict[str, int]:
@@ -520,11 +486,22 @@ class OffloadedModel:
                     pass
 
     def close(self) -> None:
-        """Remove the hooks and close the swap tiers (their files stay in ``swap_dir``)."""
+        """Remove the hooks and close the swap tiers (their files stay in ``swap_dir``) after
+        the running step's updates (see :meth:`step`).
+
+        Raises
+        ------
+        MemAscendError
+            The running step failed (it was undone); the tiers are closed all the same.
+        """
         for h in getattr(self, "_hooks", []):
             h.remove()
         self._hooks = []
-        self._close_all()
+        try:
+            if getattr(self, "_fused", None) is not None and self._opened:
+                self._fused.settle()
+        finally:
+            self._close_all()
 
     def __enter__(self) -> "OffloadedModel":
         return self
@@ -561,7 +538,11 @@ def offload_model(model: torch.nn.Module, swap_dir: str, **options: Any) -> Offl
         :mod:`memascend.heap`; 0 leaves glibc's dynamic threshold alone: fewer page faults,
         more RSS);
         ``host_threads`` (threads of the optimizer worker's AdamW kernels; default torch's
-        intra-op thread count).
+        intra-op thread count);
+        ``overlap_step`` (default True: the updates that cannot be fused into backward, in
+        deferred and clipped windows, run on the worker after :meth:`OffloadedModel.step`
+        returns, while the next forward goes on, each module's forward waiting only for its
+        own parameters; False: ``step()`` returns when they are done).
 
     Parameters on the ``meta`` device (see :func:`meta_parameters`) are materialized one
     module at a time: allocated on the CPU, filled by ``init(module)`` (default

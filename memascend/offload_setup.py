@@ -6,7 +6,7 @@ parameters built on the meta device.
 steady-state step maps nothing new; :func:`meta_parameters` builds a model without memory for
 its weights, which :func:`memascend.offload_model` then materializes one module at a time
 (:func:`reset_parameters` is the default initializer); :func:`write_parameters` puts every
-parameter in its tiers.
+parameter in its tiers; :func:`check_options` checks the scalar options.
 """
 from __future__ import annotations
 
@@ -26,6 +26,44 @@ from .sizing import offload_arena_bytes
 # 629 MiB at 128 KiB); the price is page faults on fresh tensors (at 134M parameters, 0 = the
 # dynamic threshold saved 0.35 CPU-s per step for 0.22 GiB more peak RSS).
 PLAIN_MMAP_THRESHOLD = 128 << 10
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_options(compute_dtype: Any, accumulation_steps: Any, max_grad_norm: Any,
+                  heap_mmap_threshold: Any, host_threads: Any) -> torch.dtype:
+    """Check :func:`memascend.offload_model`'s scalar options; returns the compute dtype
+    (a name or a ``torch.dtype``) as a ``torch.dtype``.
+
+    Raises
+    ------
+    ConfigError
+        An option is out of range or of the wrong type (the error names it).
+    """
+    if isinstance(compute_dtype, str):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError("compute_dtype", f"must be one of {sorted(COMPUTE_DTYPES)}")
+        compute_dtype = COMPUTE_DTYPES[compute_dtype]
+    if compute_dtype not in COMPUTE_DTYPES.values():
+        raise ConfigError("compute_dtype", f"must be float32, bfloat16 or float16, got "
+                                           f"{compute_dtype}")
+    if accumulation_steps is not None and (isinstance(accumulation_steps, bool) or
+                                           not isinstance(accumulation_steps, int) or
+                                           accumulation_steps < 1):
+        raise ConfigError("accumulation_steps", f"must be an integer >= 1 or None, got "
+                                                f"{accumulation_steps!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
+                                          not isinstance(max_grad_norm, bool) and
+                                          max_grad_norm > 0):
+        raise ConfigError("max_grad_norm", f"must be a number > 0 or None, got "
+                                           f"{max_grad_norm!r}")
+    check_threshold("heap_mmap_threshold", heap_mmap_threshold)
+    if host_threads is not None and (isinstance(host_threads, bool) or
+                                     not isinstance(host_threads, int) or host_threads < 1):
+        raise ConfigError("host_threads", f"must be an integer >= 1 or None, got "
+                                          f"{host_threads!r}")
+    return compute_dtype
 
 
 def tier_pools(model: torch.nn.Module, budget_b: int, opt_b: int,

@@ -8,18 +8,20 @@ gradient to ``g/<name>``; in a window's last micro-batch it reads the parameter'
 zero-fills new moments), renames the old versions aside (``<key>~``: the update is a
 speculation until ``step()``), runs :func:`memascend.adam.adamw_update` in place on the pinned
 buffers and writes the parameter and state behind from them; or it updates from the stored
-gradient with the clipping coefficient (deferred and redone windows). Every buffer a job holds
-is given back whatever happens; the first error stops the work and is raised by the owner.
+gradient with the clipping coefficient (deferred and redone windows, while the next forward
+runs), also renaming the old versions aside first. Every buffer a job holds is given back
+whatever happens; the first error stops the work and is raised by the owner.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from .adam import adamw_update
+from .errors import PoolExhaustedError
 from .overflow import has_inf_or_nan
 
 
@@ -35,6 +37,8 @@ class Job:
     coef: Optional[torch.Tensor] = None  # clipping coefficient (updates from the store)
     nbytes: int = 0
     last: bool = False  # an accumulation that completes the window's gradient (norm it)
+    record: Optional[dict] = None  # updates: where the step's speculative updates are listed
+    ahead: list = field(default_factory=list)  # updates: parameters to read ahead for
 
 
 class UpdateJobs:
@@ -67,6 +71,8 @@ class UpdateJobs:
                 with self._mu:
                     self._queued -= job.nbytes
                     self._pending -= 1
+                    if job.kind == "update":
+                        self._lazy.discard(job.name)
                     self._mu.notify_all()
 
     def _write(self, sw: Any, key: str, tensor: torch.Tensor, release: bool = True) -> Any:
@@ -138,12 +144,7 @@ class UpdateJobs:
                 self._write_g(n, g)  # held: a write of its own buffer, no copy
                 self.accumulated.add(n)
             state = self._acquire_state(n, held)
-            # keep the old versions aside (their reads are done or in flight, which hold the
-            # extents): the update is a speculation until step()
-            for _sw, store, key in self._keys(n):
-                if key in store:
-                    store.rename(key, key + "~")
-            self.updated[n] = (float(self.steps[n]), n in self.has_state)
+            self._set_aside(n, self.updated)
             master = job.view if self.fp32 else state[f"master/{n}"]
             if self.fp16:  # out of place when g is a buffer being written or cached
                 g = g.mul(1.0 / t.loss_scale) if held or self.keep_grads \
@@ -155,6 +156,15 @@ class UpdateJobs:
             _release(osw, held)
             if gkey in held and not self.keep_grads:
                 osw.forget(gkey)  # summed in place, not written: not the stored g/<name>
+
+    def _set_aside(self, n: str, record: dict[str, tuple[float, bool]]) -> None:
+        """Keep the old versions of ``n``'s state aside (their reads are done or in flight,
+        which hold the extents) and list the update in ``record``: it is a speculation until
+        it is committed."""
+        for _sw, store, key in self._keys(n):
+            if key in store:
+                store.rename(key, key + "~")
+        record[n] = (float(self.steps[n]), n in self.has_state)
 
     def _update(self, n: str, master: torch.Tensor, g: torch.Tensor,
                 state: dict[str, torch.Tensor], p_view: torch.Tensor) -> None:
@@ -199,32 +209,54 @@ class UpdateJobs:
                 self.counts.read_wait_seconds += time.perf_counter() - t0
         return out
 
+    def _hold_param(self, n: str) -> torch.Tensor:
+        """Swap ``p/<n>`` in and hold it for an update from step(). The next forward may hold
+        the parameter budget for a moment (a module's parameters while it runs): wait for it
+        to give them back; but when the budget is still held after forward began waiting
+        for this update, it never will be: raise."""
+        key = f"p/{n}"
+        while True:
+            forward_waits = self._awaiting
+            try:
+                return self.t.params_sw.swap_in(key, observe=False).wait()
+            except PoolExhaustedError as exc:
+                if forward_waits:
+                    raise PoolExhaustedError(
+                        f"the parameter budget cannot hold {key!r} for its update while the "
+                        f"next forward holds the rest: {exc}; raise the budget or offload "
+                        "with overlap_step=False", nbytes=exc.nbytes, reason="budget") from exc
+            with self._mu:
+                self._mu.wait_for(lambda: self._awaiting, timeout=0.002)
+
     def _do_update(self, job: Job) -> None:
-        """A two-phase update from the stored gradient (deferred windows, redone windows)."""
+        """A two-phase update from the stored gradient (deferred windows, redone windows).
+        The parameter's buffer is held and written as its own view: a forward may hold the
+        same buffer as soon as the update is done."""
         n, t = job.name, self.t
+        if job.ahead:
+            self._read_ahead(job.ahead)
         osw, gkey = t.optim_sw, f"g/{n}"
         held: list[str] = []
         p_held = False
         try:
             held.append(gkey)
             g = osw.swap_in(gkey).wait()
-            if self.fp32:
-                p_held = True
-                master = t.params_sw.swap_in(f"p/{n}", observe=False).wait()
+            p_held = True
+            p_view = self._hold_param(n)
             state = self._acquire_state(n, held)
-            if not self.fp32:
-                master = state[f"master/{n}"]
+            master = p_view if self.fp32 else state[f"master/{n}"]
+            self._set_aside(n, job.record)
             if self.fp16:
                 g.mul_(1.0 / t.loss_scale)
             if job.coef is not None:
                 g.mul_(job.coef)
-            self._update(n, master, g, state, master)
+            self._update(n, master, g, state, p_view)
             self.counts.updates_in_step += 1
-            del master, state, g
+            del master, state, g, p_view
         finally:
             _release(osw, held)
             if p_held:
-                t.params_sw.release(f"p/{n}")
+                _release(t.params_sw, [f"p/{n}"])
             osw.forget(gkey)  # scaled in place: not the stored g/<name> any more
 
 
