@@ -142,7 +142,8 @@ class FusedAdam(UpdateJobs):
         self._g_writes: dict[str, Any] = {}  # the last write of each g/<name> (worker only)
         self._running: Optional[dict[str, tuple[float, bool]]] = None  # a step's updates
         self._lazy: set[str] = set()  # parameters whose update from step() has not run yet
-        self._awaiting = False  # the compute thread waits in await_updates
+        self._awaiting: Optional[set[str]] = None  # what the compute thread waits for
+        self._await_seq = 0  # waits begun by the compute thread
         self._read_ahead: Callable[[list[str]], None] = lambda names: None
         self._new_window()
         self._worker = threading.Thread(target=self._run, name="memascend-step", daemon=True)
@@ -376,13 +377,15 @@ class FusedAdam(UpdateJobs):
             return
         t0 = time.perf_counter()
         with self._mu:
-            self._awaiting = True  # the worker knows the forward's holds stay as they are
+            # while these are pending the forward's holds stay as they are (see _hold_param)
+            self._awaiting = set(names)
+            self._await_seq += 1
             self._mu.notify_all()
             try:
                 self._mu.wait_for(lambda: self._error is not None or
                                   self._lazy.isdisjoint(names))
             finally:
-                self._awaiting = False
+                self._awaiting = None
         self.counts.forward_wait_seconds += time.perf_counter() - t0
         if self._error is not None:
             self.settle()

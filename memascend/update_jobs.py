@@ -209,24 +209,31 @@ class UpdateJobs:
                 self.counts.read_wait_seconds += time.perf_counter() - t0
         return out
 
+    def _blocked(self) -> tuple[bool, int]:
+        """Whether the compute thread waits for an update not yet done (so its holds cannot
+        change until this worker goes on), and which wait that is."""
+        with self._mu:
+            names = self._awaiting
+            return names is not None and not names.isdisjoint(self._lazy), self._await_seq
+
     def _hold_param(self, n: str) -> torch.Tensor:
         """Swap ``p/<n>`` in and hold it for an update from step(). The next forward may hold
         the parameter budget for a moment (a module's parameters while it runs): wait for it
-        to give them back; but when the budget is still held after forward began waiting
-        for this update, it never will be: raise."""
+        to give them back; but when the budget was held all through one attempt while the
+        forward was blocked on these updates, it never will be given back: raise."""
         key = f"p/{n}"
         while True:
-            forward_waits = self._awaiting
+            before = self._blocked()
             try:
                 return self.t.params_sw.swap_in(key, observe=False).wait()
             except PoolExhaustedError as exc:
-                if forward_waits:
+                if before[0] and self._blocked() == before:
                     raise PoolExhaustedError(
                         f"the parameter budget cannot hold {key!r} for its update while the "
                         f"next forward holds the rest: {exc}; raise the budget or offload "
                         "with overlap_step=False", nbytes=exc.nbytes, reason="budget") from exc
             with self._mu:
-                self._mu.wait_for(lambda: self._awaiting, timeout=0.002)
+                self._mu.wait_for(lambda: self._await_seq != before[1], timeout=0.002)
 
     def _do_update(self, job: Job) -> None:
         """A two-phase update from the stored gradient (deferred windows, redone windows).
