@@ -376,7 +376,31 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pool lock mode of --selfcheck (default auto)")
     demo.set_defaults(func=cmd_demo)
     _add_profile(sub)
+    run = sub.add_parser(
+        "run", help="run a command with the DeepSpeed drop-in enabled in every Python process "
+                    "it starts (HF Trainer, accelerate, torchrun, the deepspeed launcher)",
+        description="Run CMD so that each of its Python processes calls memascend.integrations."
+                    "deepspeed.enable() as soon as it imports deepspeed (before zero.Init and "
+                    "deepspeed.initialize); no edit to the scripts. The exit code is CMD's.")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option of enable() (memascend.integrations.deepspeed.Options), "
+                          "e.g. --set param_budget=512MiB; VALUE is JSON or else a string; "
+                          "a \"memascend\" block in the DeepSpeed config overrides it")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS ...]")
+    run.set_defaults(func=cmd_run)
     return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``memascend run``: exec the command under the drop-in's start-up hook."""
+    from .integrations.deepspeed import launch
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("memascend run: no command given (memascend run [--set K=V] -- CMD ...)",
+              file=sys.stderr)
+        return 2
+    return launch.run(cmd, launch.parse_settings(args.set))
 
 
 def _nonneg_int(text: str) -> int:

@@ -19,7 +19,8 @@ which reads every partition) is refused with a clear error, and ``_constant_buff
 the partition group, ``__avg_scatter_grads`` hands each bucketed gradient on as its own
 partition instead of copying the bucket into a fresh buffer and reduce-scattering it over
 that one rank (same values; DeepSpeed's scalings and dtype changes are kept). Every other
-case calls DeepSpeed's own method.
+case calls DeepSpeed's own method. Each ``_name(original)`` here builds the wrapper of one
+method; :data:`.patches.PATCHES` says which and installs them.
 """
 from __future__ import annotations
 
@@ -32,14 +33,6 @@ from ...errors import MemAscendError
 from .grads import GradPieces, setup_buffers
 from .stream import (ParamWriter, StreamingOptimizerSwapper, combined_inv_scale, grad_reader,
                      parts_of)
-
-HOOKED = ("initialize_optimizer_states", "_prepare_sub_group", "unscale_and_clip_grads",
-          "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters",
-          "_release_sub_group", "_setup_for_real_optimizer", "partition_grads",
-          "independent_gradient_partition_epilogue", "_pre_step",
-          "finalize_gradient_accumulation_boundary", "_constant_buffered_norm2",
-          "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads")
-
 
 def _streamed(self: Any, sub_group_id: int) -> bool:
     sw = getattr(self, "optimizer_swapper", None)
@@ -255,33 +248,3 @@ def _avg_scatter(original: Any) -> Any:
             parts = [g.to(self.gradient_accumulation_dtype) for g in parts]
         return parts
     return __avg_scatter_grads
-
-
-WRAPPERS = {"initialize_optimizer_states": _initialize_optimizer_states,
-            "_prepare_sub_group": _prepare_sub_group,
-            "unscale_and_clip_grads": _unscale_and_clip_grads,
-            "_optimizer_step": _optimizer_step,
-            "_reassign_or_swap_out_partitioned_parameters": _reassign,
-            "_release_sub_group": _release_sub_group,
-            "_setup_for_real_optimizer": _setup_for_real_optimizer,
-            "partition_grads": _partition_grads,
-            "independent_gradient_partition_epilogue": _epilogue,
-            "_pre_step": _pre_step,
-            "finalize_gradient_accumulation_boundary": _finalize_boundary,
-            "_constant_buffered_norm2": _norm2,
-            "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads": _avg_scatter}
-
-
-def install(cls: Any, originals: dict[str, Any]) -> None:
-    """Wrap the hooked methods of ``cls`` (DeepSpeedZeroOptimizer_Stage3), keeping the
-    originals in ``originals``."""
-    for name in HOOKED:
-        originals[name] = getattr(cls, name)
-        setattr(cls, name, WRAPPERS[name](originals[name]))
-
-
-def uninstall(cls: Any, originals: dict[str, Any]) -> None:
-    """Put the original methods back."""
-    for name in HOOKED:
-        if name in originals:
-            setattr(cls, name, originals.pop(name))

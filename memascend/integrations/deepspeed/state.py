@@ -1,7 +1,8 @@
 """Process-wide switch of the DeepSpeed drop-in: whether it is enabled, and with what options.
 
 :func:`memascend.integrations.deepspeed.enable` sets it; the swappers read it when DeepSpeed
-builds them (a ``"memascend"`` block in the DeepSpeed config is merged on top).
+builds them (a ``"memascend"`` block in the DeepSpeed config is merged on top, for the engine
+being built, on the base options of ``enable()``).
 """
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ from typing import Optional
 from .runtime import Options
 
 _OPTIONS: Optional[Options] = None
+_BASE: Optional[Options] = None
 
 
-def set_options(options: Optional[Options]) -> None:
-    """Enable with ``options``, or disable with None."""
-    global _OPTIONS
+def set_options(options: Optional[Options], base: bool = False) -> None:
+    """Enable with ``options``, or disable with None. ``base``: these are ``enable()``'s
+    options (the wrapped ``deepspeed.initialize`` merges a config's block on them for one
+    engine, then sets them back)."""
+    global _OPTIONS, _BASE
     _OPTIONS = options
+    if base:
+        _BASE = options
+
+
+def base_options() -> Options:
+    """The options of ``enable()`` (defaults when it was not called)."""
+    return _BASE if _BASE is not None else Options()
 
 
 def options() -> Options:
