@@ -144,7 +144,6 @@ class FusedAdam(UpdateJobs):
         self._lazy: set[str] = set()  # parameters whose update from step() has not run yet
         self._awaiting: Optional[set[str]] = None  # what the compute thread waits for
         self._await_seq = 0  # waits begun by the compute thread
-        self._read_ahead: Callable[[list[str]], None] = lambda names: None
         self._new_window()
         self._worker = threading.Thread(target=self._run, name="memascend-step", daemon=True)
         self._worker.start()
@@ -353,17 +352,18 @@ class FusedAdam(UpdateJobs):
         updated.clear()
 
     def _start_updates(self, names: list[str], coef: Optional[torch.Tensor],
-                       record: dict[str, tuple[float, bool]]) -> None:
-        """Hand the updates from stored gradients to the worker, in forward order, each
-        reading ahead for the one two places later; ``record`` collects them (with the
-        window's fused updates) until :meth:`settle`."""
+                       record: dict[str, tuple[float, bool]],
+                       prefetch: Callable[[list[str]], None]) -> None:
+        """Hand the updates from stored gradients to the worker, in forward order, with
+        their reads queued ahead in that order (the swappers read as far ahead as their
+        budgets allow); ``record`` collects them (with the window's fused updates) until
+        :meth:`settle`."""
         with self._mu:
             self._lazy = set(names)
         self._running = record
-        self._read_ahead(names[:2])
-        for i, n in enumerate(names):
-            self._submit(Job("update", n, coef=coef, record=record,
-                             ahead=names[i + 2:i + 3]))
+        prefetch(names)
+        for n in names:
+            self._submit(Job("update", n, coef=coef, record=record))
 
     def await_updates(self, names: list[str]) -> None:
         """A forward is about to use ``names``: wait until step()'s updates of them ran.
@@ -464,8 +464,7 @@ class FusedAdam(UpdateJobs):
         if not todo:
             self._commit(record)
             return True
-        self._read_ahead = prefetch
-        self._start_updates(todo, coef, record)
+        self._start_updates(todo, coef, record, prefetch)
         return True
 
     def _clip_coef(self) -> torch.Tensor:

@@ -15,7 +15,7 @@ whatever happens; the first error stops the work and is raised by the owner.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -38,7 +38,6 @@ class Job:
     nbytes: int = 0
     last: bool = False  # an accumulation that completes the window's gradient (norm it)
     record: Optional[dict] = None  # updates: where the step's speculative updates are listed
-    ahead: list = field(default_factory=list)  # updates: parameters to read ahead for
 
 
 class UpdateJobs:
@@ -240,8 +239,6 @@ class UpdateJobs:
         The parameter's buffer is held and written as its own view: a forward may hold the
         same buffer as soon as the update is done."""
         n, t = job.name, self.t
-        if job.ahead:
-            self._read_ahead(job.ahead)
         osw, gkey = t.optim_sw, f"g/{n}"
         held: list[str] = []
         p_held = False
