@@ -2,7 +2,8 @@
 and torchrun.
 
 The training scripts (tests/_hf_worker.py) never mention memascend. Under ``memascend run``
-every Python process they start enables the drop-in when it imports ``deepspeed``: before
+every Python process they start (also each rank of ``torchrun`` and of the ``deepspeed``
+launcher) enables the drop-in when it imports ``deepspeed``: before
 ``from_pretrained``/``from_config`` builds the model under ``zero.Init``, so the parameter
 swapper is memascend's too. Reference: the same script and config with ``offload_*`` on
 ``cpu``, stock DeepSpeed (no aio op needed). Losses agree to 1e-6 relative, as in
@@ -150,3 +151,21 @@ def test_memascend_run_reaches_every_torchrun_rank(tmp_path):
     assert p.stdout.count("ENABLED True") == 2, p.stdout
     assert sorted(line for line in p.stdout.splitlines() if line.startswith("RANK")) == \
         ["RANK 0", "RANK 1"]
+
+
+def test_memascend_run_reaches_every_rank_of_the_deepspeed_launcher(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(PROBE) +
+                      "import os; print('RANK', os.environ['RANK'], flush=True)\n")
+    env = _env()
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key)
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    p = subprocess.run(MEMASCEND_RUN + ["--", launcher, "--num_gpus", "2",
+                                        "--master_port", str(_port()), str(script)],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    ranks = sorted(line.split()[-1] for line in p.stdout.splitlines() if "RANK " in line
+                   and not line.startswith("ENABLED"))
+    assert ranks == ["0", "1"], p.stdout[-3000:]
+    assert p.stdout.count("ENABLED True") == 2
