@@ -79,8 +79,10 @@ def run_one(system: str, spec: dict[str, Any], workdir: str, ext_dir: str,
     t0 = time.perf_counter()
     p = subprocess.run(prof, capture_output=True, text=True, env=env, timeout=timeout)
     rec: dict[str, Any] = {"system": system, "wall_s": time.perf_counter() - t0}
+    lines = p.stdout.splitlines()  # the child's own output, then the profiler's JSON
+    starts = [i for i, line in enumerate(lines) if line == "{"]
     try:
-        report = json.loads(p.stdout[p.stdout.index("{"):p.stdout.rindex("}") + 1])
+        report = json.loads("\n".join(lines[starts[-1]:])) if starts else {}
     except ValueError:
         report = {}
     line = [x for x in (p.stderr + p.stdout).splitlines() if x.startswith("RESULT ")]
