@@ -46,17 +46,20 @@ class AdamW:
 
 def adamw_update(param: Any, grad: Any, m: Any, v: Any, step: Any, *, lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float,
-                 fused: bool = False) -> None:
+                 fused: bool = False, foreach: bool = False) -> None:
     """One AdamW update of ``param`` in place (``m``, ``v`` and ``step`` too).
 
     ``step`` is the parameter's step count as a 0-dim float tensor (torch's state
     ``"step"``), incremented here. All tensors on one device, fp32 for bitwise equality with
-    ``torch.optim.AdamW(foreach=False)`` (or ``fused=True`` with ``fused``).
+    ``torch.optim.AdamW(foreach=False)`` (or ``fused=True`` with ``fused``, ``foreach=True``
+    with ``foreach``: torch's own kernels of that form, elementwise, so a piece of a tensor
+    gets the bits the whole tensor would).
     """
     import torch.optim.adamw as torch_adamw
 
     extra = {"grad_scale": None, "found_inf": None} if fused else {}
-    torch_adamw.adamw([param], [grad], [m], [v], [], [step], foreach=False, capturable=False,
+    torch_adamw.adamw([param], [grad], [m], [v], [], [step], foreach=bool(foreach and not fused),
+                      capturable=False,
                       differentiable=False, fused=True if fused else None, amsgrad=False,
                       beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay,
                       eps=eps, maximize=False, **extra)

@@ -4,7 +4,8 @@
 gloo) and prints one JSON line: the losses, and memascend's stats when it was enabled. The
 spec says the model (``llama`` or ``mlp``), where parameters and optimizer state go
 (``nvme`` with memascend enabled, or ``cpu``, which needs no aio op), how many steps, and
-optionally a checkpoint to save after some step or to load before training. Rank and world
+optionally a checkpoint to save after some step or to load before training, and ``adamw``
+(keyword arguments of ``torch.optim.AdamW``, e.g. ``{"fused": true}``). Rank and world
 size come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the test
 starts one such process per rank. A separate process per run keeps DeepSpeed's global state
 (process group, patched classes) out of the test process.
@@ -82,6 +83,12 @@ def ds_config(spec):
 def main(path):
     with open(path) as f:
         spec = json.load(f)
+    caught = []
+    if spec.get("warnings"):  # record every warning (their text goes into the result)
+        import warnings
+
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **kw: caught.append(str(message))
     import torch
     import deepspeed
 
@@ -105,7 +112,8 @@ def main(path):
     with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device=spec["device"],
                              pin_memory=True):
         model = build_model(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01,
+                            **spec.get("adamw", {}))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     start = 0
     if spec.get("load"):
@@ -124,6 +132,7 @@ def main(path):
         if spec.get("save") and step + 1 == spec["save_step"]:
             engine.save_checkpoint(spec["save"], tag="ckpt")
     out = {"rank": rank, "losses": losses, "skipped_steps": int(engine.skipped_steps),
+           "warnings": caught,
            "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0))}
     if spec["device"] == "nvme" and spec.get("enable", True):
         from memascend.integrations.deepspeed import params as ma_params

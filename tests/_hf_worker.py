@@ -74,7 +74,7 @@ def run_trainer(spec):
     args = transformers.TrainingArguments(
         output_dir=spec["out"], deepspeed=ds_config(spec), per_device_train_batch_size=BATCH,
         max_steps=spec["steps"], learning_rate=1e-3, weight_decay=0.01,
-        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", seed=0,
+        lr_scheduler_type="constant", warmup_steps=0, seed=0,  # HF's default optimizer
         data_seed=0, save_strategy="steps", save_steps=spec["save_step"], logging_steps=1,
         report_to=[], disable_tqdm=True, dataloader_num_workers=0)
     model = llama()  # after the arguments: under zero.Init

@@ -158,6 +158,25 @@ def test_streamed_gradients_accumulate_and_survive_incomplete_pieces(tmp_path):
     assert gp["partial_writes"] > 0 and gp["base_reads"] > 0
 
 
+@pytest.mark.parametrize("kernel", ["fused", "foreach"])
+def test_fused_and_foreach_adamw_are_streamed_bitwise(tmp_path, kernel):
+    """HF Trainer's default optimizer (``adamw_torch_fused``) and the ``foreach`` form are
+    streamed too, each through torch's own kernel, piece by piece: the same losses bit for
+    bit as DeepSpeed's whole-sub-group step with that optimizer on CPU."""
+    ref = run(tmp_path, model="llama", device="cpu", steps=3, adamw={kernel: True})[0]
+    got = run(tmp_path, model="llama", device="nvme", steps=3, adamw={kernel: True},
+              memascend={"optimizer_chunk": "64KiB"})[0]
+    assert got["optimizer_swapper"] == "StreamingOptimizerSwapper"
+    assert got["losses"] == ref["losses"]
+
+
+def test_an_optimizer_that_cannot_stream_says_so(tmp_path):
+    got = run(tmp_path, model="mlp", device="nvme", steps=1, adamw={"amsgrad": True},
+              warnings=True)[0]
+    assert got["optimizer_swapper"] == "MemAscendPartitionedOptimizerSwapper"
+    assert any("not streamed (torch AdamW with amsgrad=True)" in w for w in got["warnings"])
+
+
 def test_checkpoint_save_load_continue(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     full = run(tmp_path, model="llama", device="nvme", steps=5, save=ckpt, save_step=3)[0]

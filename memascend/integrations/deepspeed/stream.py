@@ -57,8 +57,9 @@ def _is_ds_cpu_adam(optimizer: Any) -> bool:
 
 def can_stream(optimizer: Any, dtype: Any) -> Optional[str]:
     """None if the streamed step supports this optimizer, else why not. Supported:
-    DeepSpeedCPUAdam with fp32 state, and ``torch.optim.AdamW`` (single-tensor path, no
-    amsgrad, no maximize) - the updates whose math is elementwise."""
+    DeepSpeedCPUAdam with fp32 state, and ``torch.optim.AdamW`` (single-tensor, ``foreach``
+    or ``fused``, each through torch's own kernel of that form; no amsgrad, no maximize) -
+    the updates whose math is elementwise."""
     if dtype != torch.float32:
         return f"master weights are {dtype}, not float32"
     if _is_ds_cpu_adam(optimizer):
@@ -67,8 +68,7 @@ def can_stream(optimizer: Any, dtype: Any) -> Optional[str]:
         return None
     if type(optimizer) is torch.optim.AdamW:
         for g in optimizer.param_groups:
-            for flag in ("amsgrad", "maximize", "capturable", "differentiable", "fused",
-                         "foreach"):
+            for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
                 if g.get(flag):
                     return f"torch AdamW with {flag}=True"
         return None
@@ -86,7 +86,8 @@ def _adam_update(optimizer: Any, group: dict[str, Any], step: int, master: Any, 
         return
     step_t = torch.tensor(float(step - 1))  # the functional form adds one
     adamw_update(master, grad, m, v, step_t, lr=group["lr"], betas=(beta1, beta2),
-                 eps=group["eps"], weight_decay=group["weight_decay"])
+                 eps=group["eps"], weight_decay=group["weight_decay"],
+                 fused=bool(group.get("fused")), foreach=bool(group.get("foreach")))
 
 
 class StreamingOptimizerSwapper(_StoreBacked):

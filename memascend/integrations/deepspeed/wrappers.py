@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import shutil
+import warnings
 from typing import Any, Optional
 
 from ...errors import ConfigError
@@ -68,9 +69,16 @@ def _optimizer_swapper_factory(original: Any, pipelined: bool) -> Any:
         opts = state.options()
         if opts.enabled:
             optimizer, dtype = _arg(args, kwargs, 3, "optimizer"), _arg(args, kwargs, 6, "dtype")
-            if opts.stream_optimizer and can_stream(optimizer, dtype) is None:
+            why = can_stream(optimizer, dtype) if opts.stream_optimizer else None
+            if opts.stream_optimizer and why is None:
                 cls = StreamingOptimizerSwapper
             else:
+                if why is not None:
+                    warnings.warn(f"memascend: the optimizer step is not streamed ({why}): "
+                                  "DeepSpeed's whole-sub-group swapping runs on memascend's "
+                                  "store, with buffers of the largest sub-group; set "
+                                  "\"stream_optimizer\": false in the config's \"memascend\" "
+                                  "block to silence this", stacklevel=2)
                 cls = MemAscendPipelinedOptimizerSwapper if pipelined else \
                     MemAscendPartitionedOptimizerSwapper
         else:
