@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -189,6 +190,40 @@ def test_checkpoint_save_load_continue(tmp_path):
     # counts of NVMe-offloaded state: stock resumes to 8.382914… here against 8.378934…
     # uninterrupted, checked with the async_io op built.)
     assert resumed["losses"] == full["losses"][3:]
+
+
+@pytest.mark.parametrize("content", ["stock", "empty", "no-zero-file"])
+def test_a_checkpoint_without_memascends_export_is_refused(tmp_path, content):
+    """A checkpoint whose offloaded optimizer folder holds stock DeepSpeed's files (or
+    nothing) is a MetadataError naming the missing export, never a silent start from the
+    state the process had; so is one without its ZeRO file (the in-memory sub-groups'
+    masters)."""
+    ckpt = str(tmp_path / "ckpt")
+    run(tmp_path, model="mlp", device="nvme", steps=2, save=ckpt, save_step=2)
+    rank_dir = os.path.join(ckpt, "ckpt", "offloaded_tensors", "rank00")
+    if content == "no-zero-file":
+        for name in os.listdir(os.path.join(ckpt, "ckpt")):
+            if name.endswith("optim_states.pt"):
+                os.remove(os.path.join(ckpt, "ckpt", name))
+        with pytest.raises(AssertionError, match="MetadataError.*ZeRO state"):
+            run(tmp_path, model="mlp", device="nvme", steps=3, load=ckpt, load_step=2,
+                swap=str(tmp_path / "swap-resume"))
+        return
+    for name in os.listdir(rank_dir):
+        path = os.path.join(rank_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    if content == "stock":
+        with open(os.path.join(rank_dir, "optimizer_state.tensor.swp"), "wb") as f:
+            f.write(b"\0" * 4096)
+    with pytest.raises(AssertionError) as info:
+        run(tmp_path, model="mlp", device="nvme", steps=3, load=ckpt, load_step=2,
+            swap=str(tmp_path / "swap-resume"))
+    log = str(info.value)
+    assert "MetadataError" in log and "no memascend export" in log, log[-2000:]
+    assert ("stock optimizer swapper" if content == "stock" else "incomplete") in log
 
 
 def test_world_size_two(tmp_path):

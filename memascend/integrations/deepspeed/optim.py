@@ -27,6 +27,7 @@ from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import Partitio
 from deepspeed.runtime.swap_tensor.pipelined_optimizer_swapper import (
     ASYNC_SWAP_IN, ASYNC_SWAP_OUT, SYNC_SWAP_IN, SYNC_SWAP_OUT, PipelinedOptimizerSwapper)
 
+from ...errors import MetadataError
 from ...files import private_dirs
 from . import state
 from .aio import StoreAioHandle
@@ -78,11 +79,31 @@ class _StoreBacked:
             self.store.import_from(src)
             self._import_pending = False
 
-    def end_import(self) -> None:
+    def end_import(self, loaded: bool = False) -> None:
         """After ``load_checkpoint``: import if DeepSpeed copied but never read, then stop
-        waiting for a checkpoint."""
+        waiting for a checkpoint.
+
+        Raises
+        ------
+        MetadataError
+            ``loaded`` (DeepSpeed loaded a checkpoint) and it held no memascend export: it was
+            written by DeepSpeed's stock swappers, or is incomplete. Never a silent start from
+            the state this process had.
+        """
         self.finish_import()
-        self._import_pending = False
+        pending, self._import_pending = self._import_pending, False
+        if not (pending and loaded):
+            return
+        found = sorted(os.listdir(self._exchange)) if os.path.isdir(self._exchange) else []
+        what = (f"it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}, files of "
+                "DeepSpeed's stock optimizer swapper" if found
+                else "it is empty (an incomplete checkpoint)")
+        raise MetadataError(
+            f"the checkpoint's offloaded optimizer state has no memascend export "
+            f"({EXPORT_NAME}): {what}. It was not saved with memascend's drop-in enabled; load "
+            "it with stock DeepSpeed (memascend disabled). The optimizer state was not "
+            "loaded, but the engine's counters were: rebuild the engine before training",
+            path=os.path.join(self._exchange, EXPORT_NAME))
 
     def swap_in_optimizer_state(self, parameter: Any, async_parameter: Any = None) -> None:
         """DeepSpeed's swap-in, after importing a pending checkpoint."""

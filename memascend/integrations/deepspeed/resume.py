@@ -64,9 +64,9 @@ def restore_in_memory_groups(engine: Any, load_dir: str, tag: Optional[Any],
         saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         flats = saved[FP32_FLAT_GROUPS]
     except (OSError, KeyError, TypeError) as exc:
-        raise MetadataError(f"{path}: cannot read the optimizer's ZeRO state (fp32 masters of "
+        raise MetadataError(f"cannot read the optimizer's ZeRO state (fp32 masters of "
                             f"its in-memory sub-groups {small}, loss scaler) ({exc}); the "
-                            "checkpoint is incomplete") from exc
+                            "checkpoint is incomplete", path=path) from exc
     if load_optimizer_states and LOSS_SCALER in saved:  # fp16: the dynamic loss scale too
         opt.loss_scaler = saved[LOSS_SCALER]
         opt.dynamic_loss_scale = saved.get("dynamic_loss_scale", opt.dynamic_loss_scale)
@@ -76,10 +76,10 @@ def restore_in_memory_groups(engine: Any, load_dir: str, tag: Optional[Any],
     for i in small:
         cur = opt.fp32_partitioned_groups_flat[i]
         if i >= len(flats) or flats[i].numel() != cur.numel():
-            raise MetadataError(f"{path}: sub-group {i} holds "
+            raise MetadataError(f"sub-group {i} holds "
                                 f"{flats[i].numel() if i < len(flats) else 'no'} fp32 elements, "
                                 f"this model's has {cur.numel()}; a checkpoint of another model "
-                                "or partitioning")
+                                "or partitioning", path=path)
         cur.data.copy_(flats[i].data)
     if load_optimizer_states:
         opt._set_fp32_optimizer_param_groups()

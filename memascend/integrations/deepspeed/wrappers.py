@@ -173,8 +173,10 @@ def wrap_save(original: Any) -> Any:
 
 def wrap_load(original: Any) -> Any:
     """Replaces ``DeepSpeedEngine.load_checkpoint``: DeepSpeed copies the checkpoint's swap
-    area into an exchange folder that memascend then imports; then what DeepSpeed's NVMe
-    load leaves out is restored (:mod:`.resume`: in-memory sub-groups, the loss scaler)."""
+    area into an exchange folder that memascend then imports (a checkpoint without
+    memascend's export is a ``MetadataError``, never a silent start from the live state);
+    then what DeepSpeed's NVMe load leaves out is restored (:mod:`.resume`: in-memory
+    sub-groups, the loss scaler)."""
     @functools.wraps(original)
     def load_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
         sw = _ours(self)
@@ -184,10 +186,13 @@ def wrap_load(original: Any) -> Any:
         sw.swap_folder = sw.begin_import()
         try:
             out = original(self, *args, **kwargs)
-        finally:
+        except BaseException:
             sw.swap_folder = live
             sw.end_import()
+            raise
+        sw.swap_folder = live
         load_path = out[0] if isinstance(out, tuple) and out else None
+        sw.end_import(loaded=load_path is not None)  # no export: MetadataError
         if load_path is not None and not _arg(args, kwargs, 5, "load_module_only"):
             from .resume import restore_in_memory_groups
 
