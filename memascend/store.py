@@ -33,7 +33,7 @@ import os
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from . import _native
 from .config import resolve
@@ -60,17 +60,20 @@ def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
     return int(c[0])
 
 
-def _copy_range(src: int, dst: int, offset: int, nbytes: int) -> None:
-    """Copy ``nbytes`` at ``offset`` from one descriptor to the other, same offset."""
+def _copy_range(src: int, dst: int, offset: int, nbytes: int,
+                dst_offset: Optional[int] = None) -> None:
+    """Copy ``nbytes`` at ``offset`` from one descriptor to the other, at ``dst_offset``
+    (default: the same offset)."""
+    to = offset if dst_offset is None else dst_offset
     done = 0
     while done < nbytes:
         try:
-            n = os.copy_file_range(src, dst, nbytes - done, offset + done, offset + done)
+            n = os.copy_file_range(src, dst, nbytes - done, offset + done, to + done)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
             data = os.pread(src, min(nbytes - done, 8 << 20), offset + done)
-            n = os.pwrite(dst, data, offset + done) if data else 0
+            n = os.pwrite(dst, data, to + done) if data else 0
         if n == 0:
             raise OSError(errno.EIO, f"short copy at offset {offset + done}")
         done += n
@@ -838,12 +841,15 @@ class SwapStore:
         with self._mu:
             self._sync_locked()
 
-    def export(self, dst_path: str) -> None:
-        """Write a consistent copy of the store to a new file store at ``dst_path``.
+    def export(self, dst_path: str,
+               include: Optional[Callable[[str], bool]] = None) -> None:
+        """Write a consistent copy of the store to a new file store at ``dst_path``
+        (``include``: which keys; default all).
 
-        Waits for in-flight I/O, then copies every stored extent at its own offset (kernel
-        ``copy_file_range``; the copy is sparse elsewhere) and writes a manifest snapshot to
-        ``dst_path + ".meta"``. Open the copy with ``SwapStore(dst_path)``.
+        Waits for in-flight I/O, then copies every stored extent (kernel ``copy_file_range``)
+        packed one after the other in key order, so the copy is as large as the data it holds
+        (4 KiB-rounded), with no holes for a later plain copy to fill, and writes a manifest
+        snapshot to ``dst_path + ".meta"``. Open the copy with ``SwapStore(dst_path)``.
 
         Raises
         ------
@@ -854,24 +860,27 @@ class SwapStore:
         self.wait_idle()
         with self._mu:
             self._sync_locked()
-            entries = list(self._table.values())
-            size, seq = self._alloc.size, self._seq
+            entries = [e for e in self._table.values() if include is None or include(e.key)]
+            seq = self._seq
         dst_path = os.path.abspath(dst_path)
         try:
             src = os.open(self.path, os.O_RDONLY)
             try:
                 dst = private_open(dst_path, os.O_WRONLY | os.O_TRUNC)
                 try:
-                    os.ftruncate(dst, size)
-                    for e in entries:
-                        _copy_range(src, dst, e.offset, round_up(e.nbytes))
+                    packed, at = [], 0
+                    for e in sorted(entries, key=lambda x: x.offset):
+                        _copy_range(src, dst, e.offset, round_up(e.nbytes), at)
+                        packed.append(dataclasses.replace(e, offset=at))
+                        at += round_up(e.nbytes)
+                    os.ftruncate(dst, at)
                     os.fsync(dst)
                 finally:
                     os.close(dst)
             finally:
                 os.close(src)
             m = Manifest(dst_path + ".meta")
-            m.compact(entries, {"area_bytes": size}, seq)
+            m.compact(packed, {"area_bytes": at}, seq)
             m.close()
         except OSError as exc:
             raise self._err(exc.errno or errno.EIO, f"export to {dst_path} failed: {exc}",

@@ -248,6 +248,26 @@ def test_import_of_a_damaged_export_changes_nothing(tmp_path):
         assert torch.equal(store.read_tensor("a").wait(30), value("a", 2))
 
 
+def test_export_is_as_large_as_its_data_and_round_trips(tmp_path):
+    """The export packs the stored extents (a plain copy of it, as DeepSpeed's checkpoint
+    copytree makes, holds no area-sized holes) and imports back to the same tensors."""
+    path = str(tmp_path / "swap")
+    with SwapStore(path, grow_bytes="64MiB") as store:
+        for k in ("a", "b", "c"):
+            store.write(k, value(k, 1)).wait(30)
+        store.delete("b")
+        store.write("d", torch.arange(5000, dtype=torch.float32)).wait(30)
+        store.export(str(tmp_path / "copy"))
+        used = sum(-(-store.info(k).nbytes // 4096) * 4096 for k in store.keys())
+        assert os.path.getsize(str(tmp_path / "copy")) == used < 64 << 20
+        store.write("a", value("a", 2)).wait(30)
+        store.import_from(str(tmp_path / "copy"))
+        assert sorted(store.keys()) == ["a", "c", "d"]
+        assert torch.equal(store.read_tensor("a").wait(30), value("a", 1))
+        assert torch.equal(store.read_tensor("c").wait(30), value("c", 1))
+        assert torch.equal(store.read_tensor("d").wait(30), torch.arange(5000.0))
+
+
 # A real full filesystem: the area is grown first, then another file takes every free block,
 # so the journal's appends fail for real while data writes still fit in the area. Later, the
 # other file shrinks, writes are acknowledged again, and a kill follows. (On this kernel a

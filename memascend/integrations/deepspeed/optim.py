@@ -36,6 +36,13 @@ from .runtime import runtime
 EXPORT_NAME = "memascend-optim.swp"
 
 
+def _not_a_gradient(key: str) -> bool:
+    """Whether a key of the optimizer tier is state a checkpoint needs (gradient pieces of
+    the streamed step are ``<ds_id>/g/<k>``; DeepSpeed's own gradient swap files have
+    ``gradient`` in their names)."""
+    return "/g/" not in key and "gradient" not in key.rsplit("/", 1)[-1]
+
+
 class _StoreBacked:
     """What both memascend optimizer swappers add: the store, and checkpoint exchange."""
 
@@ -56,10 +63,12 @@ class _StoreBacked:
 
     # ---- checkpoint exchange (driven by the engine wrappers in __init__) ----
     def export_for_checkpoint(self) -> str:
-        """Write a consistent copy of the swap area to the exchange folder; returns it."""
+        """Write a consistent copy of the swap area to the exchange folder, without gradients
+        (consumed by the step, as stock DeepSpeed leaves its gradient files out); returns
+        it."""
         shutil.rmtree(self._exchange, ignore_errors=True)
         private_dirs(self._exchange)
-        self.store.export(os.path.join(self._exchange, EXPORT_NAME))
+        self.store.export(os.path.join(self._exchange, EXPORT_NAME), include=_not_a_gradient)
         return self._exchange
 
     def begin_import(self) -> str:
