@@ -226,6 +226,15 @@ def test_a_checkpoint_without_memascends_export_is_refused(tmp_path, content):
     assert ("stock optimizer swapper" if content == "stock" else "incomplete") in log
 
 
+def test_checkpoint_export_leaves_gradients_out():
+    from memascend.integrations.deepspeed.optim import _not_a_gradient
+
+    assert _not_a_gradient("7/master/0") and _not_a_gradient("7/m/3")
+    assert _not_a_gradient("7/step")
+    assert not _not_a_gradient("7/g/0")
+    assert not _not_a_gradient("optimizer/rank0/12_gradient.tensor.swp")
+
+
 def test_world_size_two(tmp_path):
     ref = run(tmp_path, world=2, model="mlp", device="cpu", steps=3)
     got = run(tmp_path, world=2, model="mlp", device="nvme", steps=3)

@@ -266,6 +266,9 @@ def test_export_is_as_large_as_its_data_and_round_trips(tmp_path):
         assert torch.equal(store.read_tensor("a").wait(30), value("a", 1))
         assert torch.equal(store.read_tensor("c").wait(30), value("c", 1))
         assert torch.equal(store.read_tensor("d").wait(30), torch.arange(5000.0))
+        store.export(str(tmp_path / "some"), include=lambda k: k != "c")
+        store.import_from(str(tmp_path / "some"))
+        assert sorted(store.keys()) == ["a", "d"]
 
 
 # A real full filesystem: the area is grown first, then another file takes every free block,
