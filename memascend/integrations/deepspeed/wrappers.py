@@ -147,6 +147,7 @@ def wrap_save(original: Any) -> Any:
         sw = _ours(self)
         if sw is None:
             return original(self, *args, **kwargs)
+        exported = sw.export_for_checkpoint()  # may fail: nothing moved aside yet
         target = _offload_ckpt_dir(self, args, kwargs)
         aside = None
         if target is not None and os.path.isdir(target):
@@ -155,7 +156,7 @@ def wrap_save(original: Any) -> Any:
                 shutil.rmtree(aside)
             os.rename(target, aside)
         live = sw.swap_folder
-        sw.swap_folder = sw.export_for_checkpoint()
+        sw.swap_folder = exported
         try:
             out = original(self, *args, **kwargs)
         except BaseException:
