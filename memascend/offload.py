@@ -386,12 +386,12 @@ class OffloadedModel:
         return True
 
     def _prefetch_for_step(self, names: list[str]) -> None:
-        """Read ahead what step()'s deferred updates of ``names`` will read."""
-        for n in names:
-            if self.fp32:
-                self.params_sw.prefetch([f"p/{n}"])
-            self.optim_sw.prefetch([k for k in (f"g/{n}", f"master/{n}", f"m/{n}", f"v/{n}")
-                                    if k in self.optim_store])
+        """Read ahead what step()'s deferred updates of ``names`` will read (each holds its
+        parameter's buffer, in every compute dtype)."""
+        self.params_sw.prefetch([f"p/{n}" for n in names])
+        self.optim_sw.prefetch([k for n in names
+                                for k in (f"g/{n}", f"master/{n}", f"m/{n}", f"v/{n}")
+                                if k in self.optim_store])
 
     def stats(self) -> OffloadStats:
         """A snapshot of the counters (see :class:`OffloadStats`)."""
