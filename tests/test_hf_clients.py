@@ -137,13 +137,20 @@ def test_memascend_run_refuses_bad_options_and_a_missing_command(tmp_path):
     assert "ENABLED" not in failed.stdout
 
 
-def test_memascend_run_reaches_every_torchrun_rank(tmp_path):
+def _rank_probe(tmp_path):
+    """A script that prints whether the drop-in is enabled and its rank, and an environment
+    without rank variables (the launcher sets them)."""
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(PROBE) +
                       "import os; print('RANK', os.environ['RANK'], flush=True)\n")
     env = _env()
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key)
+    return script, env
+
+
+def test_memascend_run_reaches_every_torchrun_rank(tmp_path):
+    script, env = _rank_probe(tmp_path)
     p = subprocess.run(MEMASCEND_RUN + ["--", sys.executable, "-m", "torch.distributed.run",
                                         "--nproc_per_node=2", f"--master_port={_port()}",
                                         str(script)],
@@ -155,12 +162,7 @@ def test_memascend_run_reaches_every_torchrun_rank(tmp_path):
 
 
 def test_memascend_run_reaches_every_rank_of_the_deepspeed_launcher(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent(PROBE) +
-                      "import os; print('RANK', os.environ['RANK'], flush=True)\n")
-    env = _env()
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key)
+    script, env = _rank_probe(tmp_path)
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     p = subprocess.run(MEMASCEND_RUN + ["--", launcher, "--num_gpus", "2",
                                         "--master_port", str(_port()), str(script)],

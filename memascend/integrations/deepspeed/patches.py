@@ -25,7 +25,7 @@ import importlib
 import inspect
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 SUPPORTED = ("0.19.8", "0.20")  # DeepSpeed versions >= the first, < the second
 TESTED = "0.19.8"
@@ -314,7 +314,7 @@ def install() -> None:
         raise
 
 
-def uninstall() -> Optional[list[str]]:
+def uninstall() -> list[str]:
     """Put DeepSpeed's originals back, in reverse order. A name that was replaced again by
     someone else since is left as it is; the list of such names is returned."""
     others = []
