@@ -226,6 +226,86 @@ def test_a_checkpoint_without_memascends_export_is_refused(tmp_path, content):
     assert ("stock optimizer swapper" if content == "stock" else "incomplete") in log
 
 
+EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR",
+                         os.path.expanduser("~/.cache/memascend-torch-ext"))
+
+
+def test_stock_deepspeed_refuses_memascends_checkpoint(tmp_path, monkeypatch):
+    """Stock DeepSpeed's NVMe load of a drop-in checkpoint would copy the export beside its
+    own files and train on from the process's state; the model-states record makes it a
+    MetadataError naming both swappers (needs stock's async_io op: ``make ds-ops``)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    try:
+        from bench.hf_trainer_rss import stock_unavailable
+    finally:
+        sys.path.pop(0)
+    why = stock_unavailable(EXT_DIR)
+    if why:
+        pytest.skip(why)
+    ckpt = str(tmp_path / "ckpt")
+    run(tmp_path, model="mlp", device="nvme", steps=2, save=ckpt, save_step=2)
+    with open(os.path.join(ckpt, "ckpt", "offloaded_tensors", "rank00",
+                           "memascend-layout.json")) as f:
+        assert json.load(f)["swapper"] == "StreamingOptimizerSwapper"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", EXT_DIR)
+    with pytest.raises(AssertionError) as info:
+        run(tmp_path, model="mlp", device="nvme", enable=False, steps=3, load=ckpt,
+            load_step=2, swap=str(tmp_path / "swap-stock"))
+    log = str(info.value)
+    assert "MetadataError" in log and "saved by memascend's DeepSpeed drop-in" in log, log[-3000:]
+    assert "stock PartitionedOptimizerSwapper" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("change", [{"stream_optimizer": False}, {"optimizer_chunk": 8192}])
+def test_a_checkpoint_of_another_layout_is_refused(tmp_path, change):
+    """Saved with the streamed step in 16 MiB pieces; loaded with DeepSpeed's whole-sub-group
+    swapper, or with smaller pieces: a MetadataError naming both, not a misread."""
+    ckpt = str(tmp_path / "ckpt")
+    run(tmp_path, model="mlp", device="nvme", steps=2, save=ckpt, save_step=2)
+    with pytest.raises(AssertionError) as info:
+        run(tmp_path, model="mlp", device="nvme", steps=3, load=ckpt, load_step=2,
+            swap=str(tmp_path / "swap-resume"), memascend=change)
+    log = str(info.value)
+    assert "MetadataError" in log and "written by StreamingOptimizerSwapper" in log, log[-3000:]
+    assert ("another layout" if "stream_optimizer" in change
+            else '"optimizer_chunk" option to 16777216') in log, log[-3000:]
+
+
+def test_the_writer_record_refuses_only_a_stock_engines_load():
+    """Unpickling the model-states record inside ``DeepSpeedEngine._load_checkpoint`` of an
+    engine without memascend's optimizer swapper raises; elsewhere (another engine's load
+    with ``load_module_only``, a plain ``torch.load``) it is the plain record."""
+    import pickle
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from memascend.errors import MetadataError
+    from memascend.integrations.deepspeed.marker import WrittenBy
+
+    info = {"writer": "memascend", "version": "0", "swapper": "StreamingOptimizerSwapper",
+            "layout": "pieces", "piece_numel": 1024, "sub_groups": {"0": 10}}
+    blob = pickle.dumps({"module": None, "memascend": WrittenBy(info)})
+    assert pickle.loads(blob)["memascend"] == info
+
+    class Engine(DeepSpeedEngine):
+        def __init__(self, swapper):  # no DeepSpeed set-up: only what the check reads
+            self.optimizer = SimpleNamespace(optimizer_swapper=swapper)
+
+        def _load_checkpoint(self, load_dir, tag, load_module_only=False):
+            return pickle.loads(blob)
+
+    class StockSwapper:
+        pass
+
+    with pytest.raises(MetadataError, match="stock StockSwapper") as err:
+        Engine(StockSwapper())._load_checkpoint("/ck", "t1")
+    assert err.value.path == "/ck/t1"
+    with pytest.raises(MetadataError, match="not offloaded to NVMe"):
+        Engine(None)._load_checkpoint("/ck", "t1")
+    assert Engine(None)._load_checkpoint("/ck", "t1", load_module_only=True)["memascend"] == info
+
+
 def test_checkpoint_export_leaves_gradients_out():
     from memascend.integrations.deepspeed.optim import _not_a_gradient
 

@@ -21,7 +21,8 @@ instead of one file per tensor; io_uring with every completion checked instead o
 none (and no JIT-built ``async_io`` op); no "Not enough buffers" failure; no SIGABRT when
 mlock is refused; the fp16 overflow check scans in chunks (no full-size temporaries).
 Checkpoints made with memascend enabled hold the optimizer's swap area as one exported file
-and load only with memascend enabled.
+and load only with memascend enabled: they record their writer (:mod:`.marker`), and stock
+DeepSpeed loading one is a ``MetadataError``, as is the drop-in loading stock's.
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from ...errors import MetadataError
 from ...files import private_dirs
 from . import state
 from .aio import StoreAioHandle
+from .marker import LAYOUT_NAME, check_layout, read_layout, write_layout
 from .runtime import runtime
 
 EXPORT_NAME = "memascend-optim.swp"
@@ -69,6 +70,7 @@ class _StoreBacked:
         shutil.rmtree(self._exchange, ignore_errors=True)
         private_dirs(self._exchange)
         self.store.export(os.path.join(self._exchange, EXPORT_NAME), include=_not_a_gradient)
+        write_layout(self._exchange, self)
         return self._exchange
 
     def begin_import(self) -> str:
@@ -80,11 +82,24 @@ class _StoreBacked:
         return self._exchange
 
     def finish_import(self) -> None:
-        """Import a checkpoint copied into the exchange folder, if one is pending."""
+        """Import a checkpoint copied into the exchange folder, if one is pending.
+
+        Raises
+        ------
+        MetadataError
+            The checkpoint records another layout (:func:`.marker.check_layout`); nothing
+            was imported.
+        """
         if not self._import_pending:
             return
         src = os.path.join(self._exchange, EXPORT_NAME)
         if os.path.exists(src):  # DeepSpeed reads state before it copies the checkpoint in
+            try:
+                check_layout(read_layout(self._exchange), self,
+                             os.path.join(self._exchange, LAYOUT_NAME))
+            except MetadataError:
+                self._import_pending = False
+                raise
             self.store.import_from(src)
             self._import_pending = False
 

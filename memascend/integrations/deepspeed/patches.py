@@ -114,7 +114,8 @@ RELIED: tuple[tuple[str, str], ...] = (
         "synchronize_reads", "synchronize_writes", "_swap_out", "swap_out_and_release",
         "get_path", "swappable_tensor")),
     *((f"{OPT_UTILS}:OptimizerSwapper", a) for a in (
-        "swap_folder", "numel_alignment", "largest_numel", "timers", "print_exclude_list")),
+        "swap_folder", "numel_alignment", "largest_numel", "timers", "print_exclude_list",
+        "swap_params_info")),
     ("deepspeed.ops.adam.cpu_adam:DeepSpeedCPUAdam", "ds_opt_adam"),
     ("deepspeed.ops.adam.cpu_adam:DeepSpeedCPUAdam", "opt_id"),
     ("deepspeed.ops.adam.cpu_adam:DeepSpeedCPUAdam", "fp32_optimizer_states"),
@@ -154,6 +155,7 @@ COPIED: dict[str, tuple[str, str]] = {
     f"{S3}._configure_tensor_swapping": ("75cdf5844dab6e8b", "wrappers.py swapper factories"),
     f"{ENGINE}.save_checkpoint": ("8d086fd60fc41e4f", "wrappers.py _offload_ckpt_dir"),
     f"{ENGINE}.load_checkpoint": ("0479aef5c18093a2", "wrappers.py wrap_load"),
+    f"{ENGINE}._load_checkpoint": ("9227b26835477dbd", "marker.py (its name and locals)"),
     f"{ENGINE}._save_zero_checkpoint": ("6b1f17108edb9868", "resume.py (the ZeRO file)"),
     f"{S3}._rigid_load_state_dict": ("2b97ce59ae021ead", "resume.py"),
     "deepspeed.ops.adam.cpu_adam:DeepSpeedCPUAdam.step": ("5087412e98e777fd",

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from ...errors import ConfigError
 from . import state
+from .marker import CLIENT_KEY, WrittenBy, layout_of
 from .runtime import Options, current_runtime
 
 
@@ -136,18 +137,30 @@ def _offload_ckpt_dir(engine: Any, args: tuple, kwargs: dict) -> Optional[str]:
     return os.path.join(save_dir, tag, "offloaded_tensors", "rank" + dp_index_to_str(rank))
 
 
+def _with_marker(args: tuple, kwargs: dict, marker: Any) -> tuple[tuple, dict]:
+    """``save_checkpoint``'s arguments with the writer's record added to ``client_state``
+    (:mod:`.marker`)."""
+    client = dict(_arg(args, kwargs, 2, "client_state") or {})
+    client[CLIENT_KEY] = marker
+    if len(args) > 2:
+        return args[:2] + (client,) + args[3:], kwargs
+    return args, dict(kwargs, client_state=client)
+
+
 def wrap_save(original: Any) -> Any:
     """Replaces ``DeepSpeedEngine.save_checkpoint``: DeepSpeed copies the optimizer tier's
     exported swap area into the checkpoint instead of the live folder. Saving the same tag
     again (HF Trainer does, twice per checkpoint under ZeRO-3 without gathered weights;
     DeepSpeed's copy refuses an existing folder) replaces the earlier copy: it is moved aside
-    first and put back if the save fails."""
+    first and put back if the save fails. The model-states file records the writer
+    (:mod:`.marker`), so that stock DeepSpeed refuses to load the checkpoint."""
     @functools.wraps(original)
     def save_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
         sw = _ours(self)
         if sw is None:
             return original(self, *args, **kwargs)
         exported = sw.export_for_checkpoint()  # may fail: nothing moved aside yet
+        args, kwargs = _with_marker(args, kwargs, WrittenBy(layout_of(sw)))
         target = _offload_ckpt_dir(self, args, kwargs)
         aside = None
         if target is not None and os.path.isdir(target):
@@ -194,6 +207,8 @@ def wrap_load(original: Any) -> Any:
         sw.swap_folder = live
         load_path = out[0] if isinstance(out, tuple) and out else None
         sw.end_import(loaded=load_path is not None)  # no export: MetadataError
+        if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], dict):
+            out[1].pop(CLIENT_KEY, None)  # the writer's record is not the client's state
         if load_path is not None and not _arg(args, kwargs, 5, "load_module_only"):
             from .resume import restore_in_memory_groups
 
