@@ -121,6 +121,11 @@ class BufferPool:
                 self.stats.leases_returned += 1
                 need -= size
 
+    def shed_to(self, budget: int) -> None:
+        """Give free buffers back to the pool until at most ``budget`` bytes are held (or
+        none is free)."""
+        self._shed(self.stats.pinned_bytes - budget, keep=-1)
+
     def trim(self) -> None:
         """Give every free buffer back to the pool."""
         for size, lst in self._free.items():

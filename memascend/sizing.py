@@ -715,20 +715,33 @@ def ds_optimizer_budget_bytes(buffer_count: int, largest_subgroup_numel: int) ->
 GRAD_PIECES_OPEN = 4
 
 
-def ma_stream_tier_budget(chunk: int, budget: Optional[int] = None) -> int:
-    """The streamed optimizer tier's swapper budget: ``optimizer_budget``, default 16 pieces
-    of ``chunk`` bytes (master, m, v and gradient of a piece and two read ahead, plus the
-    write-behind)."""
-    return int(budget) if budget is not None else 16 * int(chunk)
+def ma_stream_tier_budget(chunk: int, budget: Optional[int] = None,
+                          streamed_numel: Optional[int] = None,
+                          largest_subgroup_numel: Optional[int] = None) -> int:
+    """The streamed optimizer tier's swapper budget: ``optimizer_budget`` when given, else 16
+    pieces of ``chunk`` bytes (master, m, v and gradient of a piece and two read ahead, plus
+    the write-behind); and, once the streamed sub-groups are known (``streamed_numel``
+    elements in all, the largest ``largest_subgroup_numel``), no more than half their state
+    (master, m and v: 12 B per element) but at least one piece's master, m and v. The tier
+    is a staging window, not a pinned second copy of the state: with small models the whole
+    state would otherwise sit locked beside what is on SSD."""
+    if budget is not None:
+        return int(budget)
+    tier = 16 * int(chunk)
+    if streamed_numel is not None and largest_subgroup_numel is not None:
+        piece = min(int(chunk), round_up(int(largest_subgroup_numel) * 4))
+        tier = min(tier, max(3 * piece, round_up(6 * int(streamed_numel))))
+    return tier
 
 
 def ma_stream_budget_bytes(chunk: int, budget: Optional[int] = None,
-                           largest_subgroup_numel: Optional[int] = None) -> int:
+                           largest_subgroup_numel: Optional[int] = None,
+                           streamed_numel: Optional[int] = None) -> int:
     """Pinned bytes of the drop-in's streamed optimizer tier: its swapper budget
     (:func:`ma_stream_tier_budget`), or less when the largest sub-group's four fp32 tensors
     (master, m, v, gradient) are smaller (leases are exact, so they are all it can hold),
     plus the step's one gradient-piece lease."""
-    tier = ma_stream_tier_budget(chunk, budget)
+    tier = ma_stream_tier_budget(chunk, budget, streamed_numel, largest_subgroup_numel)
     if largest_subgroup_numel is not None:
         tier = min(tier, 4 * round_up(int(largest_subgroup_numel) * 4))
     return tier + min(int(chunk), round_up(int(largest_subgroup_numel or chunk) * 4))

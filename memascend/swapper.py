@@ -33,7 +33,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Optional, Sequence
 
 from .buffers import BufferPool
@@ -257,6 +257,28 @@ class TensorSwapper:
         _LIVE.add(self)
 
     # ---- metadata ----
+    def limit_budget(self, budget_bytes: int) -> None:
+        """Change the pinned budget (e.g. once the tensors it stages are known and smaller
+        than the default). Over a lowered budget, idle resident tensors are evicted and free
+        buffers given back now; tensors in use stay until released.
+
+        Raises
+        ------
+        ConfigError
+            ``budget_bytes`` is not positive.
+        """
+        if int(budget_bytes) <= 0:
+            raise ConfigError("budget_bytes", f"must be > 0, got {budget_bytes}")
+        budget = int(budget_bytes)
+        with self._cv:
+            self.config = replace(self.config, budget_bytes=budget)
+            self.buffers.budget = budget
+            b = self.buffers.stats
+            while b.pinned_bytes - b.free_bytes > budget and self._evict_one(""):
+                pass  # idle residents over the budget: their buffers become free
+            self.buffers.shed_to(budget)
+            self._cv.notify_all()
+
     def register(self, key: str, shape: Sequence[int], dtype: Any, *,
                  stored_dtype: Any = None) -> None:
         """Declare a key's shape and dtype (and the dtype it is stored in, if different).

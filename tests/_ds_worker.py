@@ -131,7 +131,8 @@ def main(path):
             losses.append(float(loss.detach()))
         if spec.get("save") and step + 1 == spec["save_step"]:
             engine.save_checkpoint(spec["save"], tag="ckpt")
-    out = {"rank": rank, "losses": losses, "skipped_steps": int(engine.skipped_steps),
+    out = {"rank": rank, "losses": losses,
+           "numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()), "skipped_steps": int(engine.skipped_steps),
            "warnings": caught,
            "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0))}
     if spec["device"] == "nvme" and spec.get("enable", True):

@@ -76,7 +76,8 @@ def test_nvme_through_memascend_matches_cpu_offload(tmp_path, model):
     # the optimizer steps each sub-group in pieces under its own small budget
     assert got["optimizer_swapper"] == "StreamingOptimizerSwapper"
     os_ = got["optim_stats"]
-    assert os_["pinned_peak"] <= os_["budget_bytes"] == 16 * (16 << 20)
+    # (16 pieces of 16 MiB, or half the streamed state when that is less)
+    assert os_["pinned_peak"] <= os_["budget_bytes"] <= 16 * (16 << 20)
     assert os_["bytes_read"] > 0 and os_["bytes_written"] > 0
     eng = got["stats"]["engine"]
     assert eng["bytes_read"] > 0 and eng["bytes_written"] > 0 and eng["errors"] == 0
@@ -313,6 +314,20 @@ def test_checkpoint_export_leaves_gradients_out():
     assert _not_a_gradient("7/step")
     assert not _not_a_gradient("7/g/0")
     assert not _not_a_gradient("optimizer/rank0/12_gradient.tensor.swp")
+
+
+def test_locked_memory_stays_within_the_state_at_small_sizes(tmp_path):
+    """A model whose whole state is smaller than the default budgets: the pinned memory
+    locked at its peak stays below the state it stages (fp32 parameters, masters, m, v and
+    gradients: 20 B per parameter). It was 103 MB for this 54 MB state: gradient pieces
+    leased at the full 16 MiB piece size, and a streamed tier holding all of the optimizer
+    state."""
+    got = run(tmp_path, model="llama", device="nvme", steps=3)[0]
+    state = 20 * got["numel"]
+    pool = got["stats"]["pool"]
+    assert pool["locked_peak"] <= state, (pool["locked_peak"], state)
+    assert got["vm_lck_kb"] * 1024 <= state
+    assert pool["locked_peak"] > 0
 
 
 def test_world_size_two(tmp_path):

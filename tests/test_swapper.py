@@ -331,3 +331,27 @@ def test_forget_drops_a_stale_resident_copy(store):
         sw.forget("never-seen")  # nothing resident: a no-op
         assert float(sw.swap_in("k").wait()[0]) == 2.0
         sw.release("k")
+
+
+def test_limit_budget_lowers_what_stays_pinned(store):
+    """Lowering the budget after tensors are resident: the next requests evict down to it,
+    and the tensors read back unchanged."""
+    from memascend.errors import ConfigError
+
+    ts = tensors(6)
+    total = sum(t.numel() * 4 for t in ts.values())
+    with TensorSwapper(store, budget_bytes=total) as sw:
+        fill(sw, ts)
+        for k in ts:
+            sw.swap_in(k).wait(T)
+            sw.release(k)
+        assert sw.stats().pinned_bytes > total // 2
+        low = max(t.numel() * 4 for t in ts.values()) * 2
+        sw.limit_budget(low)
+        assert sw.stats().budget_bytes == low
+        for k in ts:
+            assert torch.equal(sw.swap_in(k).wait(T), ts[k])
+            sw.release(k)
+            assert sw.stats().pinned_bytes <= low
+        with pytest.raises(ConfigError):
+            sw.limit_budget(0)

@@ -388,9 +388,10 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
     if any(streamed):
         chunk = ds.optimizer_chunk
         comps.append(Component("optimizer_pool", "streamed optimizer tier budget",
-                               sz.ma_stream_budget_bytes(chunk, ds.optimizer_budget,
-                                                         max(n for n, s in
-                                                             zip(group_totals, streamed) if s)),
+                               sz.ma_stream_budget_bytes(
+                                   chunk, ds.optimizer_budget,
+                                   max(n for n, s in zip(group_totals, streamed) if s),
+                                   sum(n for n, s in zip(group_totals, streamed) if s)),
                                "locked",
                                note=f"pieces of {chunk:,} B per tensor; budget + one gradient "
                                     "piece"))

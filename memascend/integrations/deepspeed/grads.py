@@ -81,6 +81,7 @@ class GradPieces:
         self.osw = swapper
         self.groups = set(streamed)
         self.n = swapper.piece_numel
+        self._lease_numel = self.n  # a piece lease: a piece, or the largest sub-group if less
         self._spans: Optional[dict[Any, _Span]] = None  # ds_id -> where
         self._need: dict[tuple[int, int], frozenset] = {}  # (group, k) -> ds_ids in it
         self._group_key: dict[int, str] = {}  # group -> ds_id of its fp32 flat (key prefix)
@@ -114,6 +115,10 @@ class GradPieces:
                     need.setdefault((i, k), set()).add(param.ds_id)
         self._need = {key: frozenset(v) for key, v in need.items()}
         self._spans = spans
+        # small sub-groups: a piece lease no larger than the largest of them (locked memory
+        # stays within the gradients it holds)
+        self._lease_numel = max((min(self.n, int(stage3.fp16_partitioned_groups_flat_numel[i]))
+                                 for i in self.groups), default=self.n)
 
     def covers(self, ds_id: Any) -> bool:
         """True if this parameter's gradient goes to the pieces (needs the layout built)."""
@@ -148,7 +153,7 @@ class GradPieces:
             old = next(iter(self._open))
             self._close(old)
         numel = self._piece_numel(int(stage3.fp16_partitioned_groups_flat_numel[group]), k)
-        lease = self._spare.pop() if self._spare else self.osw.rt.lease(self.n * 4)
+        lease = self._spare.pop() if self._spare else self.osw.rt.lease(self._lease_numel * 4)
         t = lease.as_tensor(torch.float32, numel)
         key = self.key(group, k)
         loaded = pk in self._written or (accumulate and key in self.osw.store)
@@ -208,7 +213,7 @@ class GradPieces:
 
     def _keep_stored(self, pk: tuple[int, int], p: _Piece) -> None:
         group, k = pk
-        old_lease = self._spare.pop() if self._spare else self.osw.rt.lease(self.n * 4)
+        old_lease = self._spare.pop() if self._spare else self.osw.rt.lease(self._lease_numel * 4)
         try:
             old = old_lease.as_tensor(torch.float32, p.t.numel())
             self._load(self.key(group, k), old)

@@ -174,6 +174,10 @@ class StreamingOptimizerSwapper(_StoreBacked):
 
     def _register(self, ds_id: str, numel: int) -> None:
         self._numel[ds_id] = numel
+        opts = self.rt.options
+        self.sw.limit_budget(ma_stream_tier_budget(  # small models: within their state
+            opts.optimizer_chunk, opts.optimizer_budget, sum(self._numel.values()),
+            max(self._numel.values())))
         for k, (_, n) in enumerate(self._pieces(numel)):
             for kind in ("master", "m", "v"):
                 self.sw.register(self._key(ds_id, kind, k), (n,), torch.float32)
