@@ -7,9 +7,12 @@ dtype, shape and CRC32C, so a store can be closed and reopened.
 
 Safety rules:
 - An overwrite goes to a *new* extent; the key switches to it only after every byte is
-  written, and the old extent is not reused before the next :meth:`sync`. After a crash,
-  reopening gives the old or the new version of each key, never a torn one. The price: an
-  overwrite needs room for both versions at once.
+  written. In a durable store the old extent is not reused before the next :meth:`sync`;
+  in a non-durable one it is reused as soon as the record of the switch is appended (and no
+  read of it is in flight), so the area stays about as large as what it stores. After a
+  crash (durable) or a killed process (either), reopening gives the old or the new version
+  of each key, never a torn one. The price: an overwrite needs room for both versions at
+  once.
 - ENOSPC (file growth, write or journal append) raises
   :class:`~memascend.errors.SwapIOError` naming key, path, offset and size; the source tensor
   is untouched and every stored key stays readable. A write is acknowledged only once its
@@ -431,11 +434,43 @@ class SwapStore:
         return int(st.f_bavail * st.f_frsize - reserve)
 
     def _release_extent(self, offset: int, nbytes: int) -> None:
-        """An extent no key points to (lock held): quarantined until the next sync."""
+        """An extent no key points to (lock held): retired once no read of it is in flight
+        (:meth:`_retire`)."""
         if self._readers.get(offset):
             self._deferred.append((offset, nbytes))
         else:
+            self._retire(offset, nbytes)
+
+    def _retire(self, offset: int, nbytes: int) -> None:
+        """Free an extent no key points to and no read uses (lock held). Durable: quarantined
+        until the next sync, since until then a power loss may bring back the journal record
+        that pointed to it. Not durable: free now. The record that replaced it was appended
+        before the write was acknowledged, and a killed process loses no completed append (it
+        is in the page cache), so a reopen after a kill never points here."""
+        if self.config.durable:
             self._quarantine.append((offset, nbytes))
+        else:
+            self._alloc.free(offset, nbytes)
+
+    def _pin(self, offset: int) -> None:
+        """Keep the extent at ``offset`` from being reused while it is read (lock held)."""
+        self._readers[offset] = self._readers.get(offset, 0) + 1
+
+    def _unpin(self, offset: int) -> None:
+        """The end of a read of ``offset`` (lock held): an extent released meanwhile is
+        retired once its last reader is done."""
+        n = self._readers.get(offset, 1) - 1
+        if n:
+            self._readers[offset] = n
+            return
+        self._readers.pop(offset, None)
+        keep = []
+        for off, nb in self._deferred:
+            if off == offset:
+                self._retire(off, nb)
+            else:
+                keep.append((off, nb))
+        self._deferred = keep
 
     def _sync_locked(self) -> None:
         if self.config.durable:
@@ -634,7 +669,7 @@ class SwapStore:
             raise ValueError(f"destination holds {cap} bytes, {key!r} has {entry.nbytes}")
         rounded = round_up(entry.nbytes)
         with self._mu:
-            self._readers[entry.offset] = self._readers.get(entry.offset, 0) + 1
+            self._pin(entry.offset)
             self._pending += 1
         aligned = addr % ALIGN == 0
         space = room if room is not None else cap
@@ -659,15 +694,7 @@ class SwapStore:
                     f"{actual:#010x}", key=entry.key, path=self.path, offset=entry.offset,
                     nbytes=entry.nbytes, expected=entry.crc, actual=actual)
         with self._mu:
-            n = self._readers.get(entry.offset, 1) - 1
-            if n:
-                self._readers[entry.offset] = n
-            else:
-                self._readers.pop(entry.offset, None)
-                keep_deferred = []
-                for off, nb in self._deferred:
-                    (self._quarantine if off == entry.offset else keep_deferred).append((off, nb))
-                self._deferred = keep_deferred
+            self._unpin(entry.offset)
             self._counts["reads"] += 1
             if exc is None:
                 self._counts["bytes_read"] += entry.nbytes
@@ -702,7 +729,7 @@ class SwapStore:
         if not isinstance(dst, Lease) or dst.size < round_up(nbytes):
             raise ValueError(f"read_range needs a lease of at least {round_up(nbytes)} bytes")
         with self._mu:
-            self._readers[entry.offset] = self._readers.get(entry.offset, 0) + 1
+            self._pin(entry.offset)
             self._pending += 1
         inner = self.engine.read(self._file, dst.address, round_up(nbytes),
                                  entry.offset + start, key=key)
@@ -862,6 +889,8 @@ class SwapStore:
             self._sync_locked()
             entries = [e for e in self._table.values() if include is None or include(e.key)]
             seq = self._seq
+            for e in entries:  # an overwrite meanwhile must not reuse what is being copied
+                self._pin(e.offset)
         dst_path = os.path.abspath(dst_path)
         try:
             src = os.open(self.path, os.O_RDONLY)
@@ -885,6 +914,10 @@ class SwapStore:
         except OSError as exc:
             raise self._err(exc.errno or errno.EIO, f"export to {dst_path} failed: {exc}",
                             None) from exc
+        finally:
+            with self._mu:
+                for e in entries:
+                    self._unpin(e.offset)
 
     def import_from(self, src_path: str) -> None:
         """Replace this store's contents with those of the store at ``src_path``.

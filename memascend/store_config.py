@@ -39,7 +39,8 @@ class StoreConfig:
         space left on the filesystem after that tensor and a reserve (5 % of the filesystem,
         at most 1 GiB), so growing ahead never fills the disk for anyone else.
     sync_slack:
-        An overwritten key's old extent is reused only after an fsync (crash safety). Such
+        In a durable store an overwritten key's old extent is reused only after an fsync
+        (crash safety; a non-durable store reuses it at once, see ``durable``). Such
         extents are reclaimed with one fsync once they exceed ``sync_slack`` × the stored
         bytes (and ``grow_bytes``); until then the area grows instead. Default 1.0: the area
         may reach about twice the stored bytes, and a training step that rewrites its whole
@@ -49,7 +50,9 @@ class StoreConfig:
         ``True`` (default): reclaiming fsyncs the area and the journal first, so a power loss
         or OS crash leaves every key at its old or new version. ``False``: no fsync; still
         safe against a killed process (completed O_DIRECT writes and journal appends are in
-        the kernel), not against power loss. For scratch tiers whose durable copy is a
+        the kernel), not against power loss; an overwritten extent is reused as soon as the
+        record of its replacement is appended, so the area needs no slack beyond the stored
+        bytes and one overwrite in flight. For scratch tiers whose durable copy is a
         checkpoint (``offload_model`` uses it): on a virtio disk here each fsync of a training
         step's writes took 0.5 s.
     bounce_bytes:

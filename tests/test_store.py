@@ -311,12 +311,15 @@ def test_non_durable_store_reclaims_without_fsync(tmp_path, monkeypatch):
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
     pool = PinnedPool()
-    with SwapStore(str(tmp_path / "s"), pool=pool, grow_bytes=1 << 20, sync_slack=0.0,
+    with SwapStore(str(tmp_path / "s"), pool=pool, grow_bytes=1 << 20,
                    durable=False) as store:
         for rnd in range(3):
             for i in range(4):
                 store.write(f"k{i}", torch.full((1 << 18,), float(rnd))).wait()
-        assert store.stats().syncs >= 4 and store.stats().area_bytes <= 6 << 20
+        # an overwritten extent is reused at once (no sync_slack): the 4 MiB stored and
+        # room for one overwrite, where a durable store grows to about twice its bytes
+        st = store.stats()
+        assert st.area_bytes <= 5 << 20 and st.quarantined_bytes == 0, st
         during = len(calls)
         assert torch.equal(store.read_tensor("k3").wait(), torch.full((1 << 18,), 2.0))
     pool.close()

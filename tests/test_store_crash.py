@@ -36,7 +36,7 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from test_store_crash import content
 from memascend.store import SwapStore
-store = SwapStore(sys.argv[1], grow_bytes="4MiB")
+store = SwapStore(sys.argv[1], grow_bytes="4MiB", durable=sys.argv[3] == "1")
 v = 0
 while True:
     v += 1
@@ -48,10 +48,14 @@ while True:
 """
 
 
+@pytest.mark.parametrize("durable", [True, False])
 @pytest.mark.parametrize("delay", [0.02, 0.3, 0.9])
-def test_sigkill_mid_write(tmp_path, delay):
+def test_sigkill_mid_write(tmp_path, delay, durable):
+    """Durable stores reuse an old extent after a sync; non-durable ones as soon as the
+    record of its replacement is appended: both survive a kill with every key whole."""
     path = str(tmp_path / "swap")
-    child = subprocess.Popen([sys.executable, "-c", CHILD, path, HERE], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", CHILD, path, HERE, "1" if durable else "0"],
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
