@@ -54,6 +54,8 @@ __all__ = ["SwapStore", "StoreConfig", "StoreStats", "crc32c", "read_export", "p
 
 GROW_RESERVE_SHARE = 0.05  # speculative growth leaves this share of the filesystem free ...
 GROW_RESERVE_MAX = 1 << 30  # ... or this much, whichever is less
+GROW_AHEAD_DIV = 16  # growing ahead adds at most 1/16 of the area (the area stays within
+GROW_AHEAD_MIN = 1 << 20  # ~1.06x of what it needs), but at least 1 MiB
 
 def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
     """CRC32C of ``nbytes`` at ``address`` (native, GIL released)."""
@@ -413,11 +415,13 @@ class SwapStore:
         return off
 
     def _speculative(self, must: int) -> int:
-        """Bytes to grow beyond ``must`` (up to ``grow_bytes`` in all): at most half of the
-        free space left after ``must`` and a reserve (5 % of the filesystem, at most 1 GiB),
-        so that growing ahead never fills the disk for other files, the other tiers' journals
-        or other processes."""
-        extra = self.config.grow_bytes - must
+        """Bytes to grow beyond ``must`` (up to ``grow_bytes`` in all): at most 1/16 of the
+        area (at least 1 MiB), so that the area stays close to what it holds, and at most
+        half of the free space left after ``must`` and a reserve (5 % of the filesystem, at
+        most 1 GiB), so that growing ahead never fills the disk for other files, the other
+        tiers' journals or other processes."""
+        extra = min(self.config.grow_bytes - must,
+                    max(self._alloc.size // GROW_AHEAD_DIV, GROW_AHEAD_MIN))
         if extra <= 0:
             return 0
         spare = (self._fs_spare() - must) // 2

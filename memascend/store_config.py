@@ -34,10 +34,12 @@ class StoreConfig:
         refuses it, e.g. tmpfs, and says so in ``store.direct``), ``"on"`` (error instead),
         ``"off"``.
     grow_bytes:
-        Growth step of a file-backed area (default 256 MiB). The part of a step beyond what
-        the tensor being placed needs is speculative: it takes at most half of the free
-        space left on the filesystem after that tensor and a reserve (5 % of the filesystem,
-        at most 1 GiB), so growing ahead never fills the disk for anyone else.
+        Largest growth step of a file-backed area (default 256 MiB). The part of a step
+        beyond what the tensor being placed needs is speculative: at most 1/16 of the area
+        (at least 1 MiB), so the area stays within ~1.06x of what it needs, and at most half
+        of the free space left on the filesystem after that tensor and a reserve (5 % of
+        the filesystem, at most 1 GiB), so growing ahead never fills the disk for anyone
+        else.
     sync_slack:
         In a durable store an overwritten key's old extent is reused only after an fsync
         (crash safety; a non-durable store reuses it at once, see ``durable``). Such
