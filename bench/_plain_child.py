@@ -11,7 +11,8 @@ so building the model in RAM does not count against the offloaded run.
 
 Per step: wall time of forward, backward and the optimizer step, the loss, the process's CPU
 seconds, what the rest of the machine used meanwhile; for ``offload`` also the SSD bytes its
-two swap tiers read and wrote (store counters: exact tensor bytes), new pinned mappings and
+two swap tiers read and wrote (store counters: exact tensor bytes), their areas' size and
+the bytes stored in them after the step, new pinned mappings and
 newly locked bytes (pool counters), and the optimizer's own statistics when it has them.
 """
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _tier_counts(om: Any) -> dict[str, int]:
     w = sum(s.stats().bytes_written for s in stores)
     ps = om.pool.stats()
     return {"read": r, "written": w, "mapped": ps.arenas_mapped_total, "locked": ps.locked,
-            "leases": ps.leases_total}
+            "leases": ps.leases_total, "area": sum(s.stats().area_bytes for s in stores),
+            "stored": sum(s.stats().stored_bytes for s in stores)}
 
 
 def main(spec_path: str) -> int:
@@ -133,7 +135,8 @@ def main(spec_path: str) -> int:
                        ssd_written=after["written"] - before["written"],
                        new_mappings=after["mapped"] - before["mapped"],
                        newly_locked=max(0, after["locked"] - before["locked"]),
-                       new_leases=after["leases"] - before["leases"])
+                       new_leases=after["leases"] - before["leases"],
+                       swap_area=after["area"], swap_stored=after["stored"])
             stats = getattr(om, "stats", None)
             if callable(stats):
                 rec["offload_stats"] = _plain(stats())

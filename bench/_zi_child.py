@@ -13,7 +13,8 @@ false) — is the same for both. A process per run gives every run a fresh
 
 What it reports: wall time of each phase and of each step (forward, backward, optimizer step),
 the bytes this process read and wrote at the block layer during the timed steps
-(``/proc/self/io``, which counts O_DIRECT and io_uring I/O), ``/proc/self/status`` memory
+(``/proc/self/io``, which counts O_DIRECT and io_uring I/O), the swap folder's allocated and
+stored bytes after each step (:func:`swap_footprint`), ``/proc/self/status`` memory
 after each phase, the losses (the same seed must give the same losses on both systems), and
 where the big host buffers went, read from DeepSpeed's objects: the parameter swapper's pool,
 the optimizer swapper's buffers (``buffer_count`` × the largest sub-group), stage 3's flat CPU
@@ -47,6 +48,29 @@ def status() -> dict[str, int]:
             if k in STATUS_KEYS and len(p) == 2:
                 out[k] = int(p[0]) * 1024
     return out
+
+
+def swap_footprint(folder: str, system: str) -> dict[str, int]:
+    """The swap folder's allocated bytes (``st_blocks``: what the filesystem holds for it)
+    and the bytes of state stored in it: for stock DeepSpeed its files' sizes (a file per
+    tensor, each exactly its tensor, aligned); for memascend the keys its stores hold."""
+    allocated = apparent = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:  # removed meanwhile
+                continue
+            allocated += st.st_blocks * 512
+            if name.endswith(".swp") and system == "stock":
+                apparent += st.st_size
+    if system == "memascend":
+        from memascend.integrations.deepspeed.runtime import current_runtime
+
+        rt = current_runtime()
+        stores = list(rt._stores.values()) if rt is not None else []
+        apparent = sum(st.stats().stored_bytes for st in stores)
+    return {"allocated": allocated, "stored": apparent}
 
 
 def ds_config(spec: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +186,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         t3 = time.perf_counter()
         s3 = status()
         losses.append(float(loss.detach()))
-        rec = {"forward_s": t1 - t0, "backward_s": t2 - t1, "step_s": t3 - t2,
+        foot = swap_footprint(spec["swap_dir"], spec["system"])
+        rec = {"swap_allocated": foot["allocated"], "swap_stored": foot["stored"],
+               "forward_s": t1 - t0, "backward_s": t2 - t1, "step_s": t3 - t2,
                "total_s": t3 - t0, "hwm_after": [s1["VmHWM"], s2["VmHWM"], s3["VmHWM"]],
                "rss_after": [s1["VmRSS"], s2["VmRSS"], s3["VmRSS"]]}
         (steps if step >= warmup else warm).append(rec)
@@ -174,6 +200,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "read_bytes_per_step": (io1[0] - io0[0]) / max(timed, 1),
         "write_bytes_per_step": (io1[1] - io0[1]) / max(timed, 1),
         "marks": marks, "breakdown": breakdown(engine, model),
+        # the swap folder at the end of each timed step: its largest allocation over what
+        # it stored then (1.0: no space beyond the state)
+        "swap_area_ratio": max((s["swap_allocated"] / s["swap_stored"] for s in steps
+                                if s["swap_stored"]), default=None),
         "deepspeed": deepspeed.__version__, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads()}
     if spec["system"] == "memascend":

@@ -148,8 +148,12 @@ def _print_demo(r: Any) -> None:
           f"{mib(r.rss_before_model_bytes)} + memascend buffers (peak) "
           f"{mib(r.pool_reserved_peak_bytes)} + activations, allocator and the rest "
           f"{mib(max(0, rest))}")
+    per_step = r.bytes_written // max(1, r.steps)
     print(f"SSD traffic: read {mib(r.bytes_read)}, wrote {mib(r.bytes_written)} "
-          f"({mib((r.bytes_read + r.bytes_written) // max(1, r.steps))} per step)")
+          f"({mib((r.bytes_read + r.bytes_written) // max(1, r.steps))} per step); "
+          f"SSD wear: {mib(per_step)} written per step, {per_step * 1000 / 1e12:.3f} TB per "
+          "1,000 steps (a drive's endurance is rated in TB written: "
+          "`memascend profile estimate --drive-tbw TB` for a model you plan)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -281,12 +285,15 @@ def cmd_profile_estimate(args: argparse.Namespace) -> int:
         doc = report.to_dict()
         doc["deepspeed_config"] = {"path": args.ds_config, **ds.to_dict()}
         doc["machine"] = {"physical_bytes": phys_bytes(), "lockable_bytes": lockable_bytes()}
+        if args.drive_tbw is not None:
+            doc["endurance"] = {"drive_tbw": args.drive_tbw, "steps": {
+                e.system: e.ssd.steps_to_endurance(args.drive_tbw, e.ranks) for e in ests}}
         print(json.dumps(doc, indent=2))
     else:
         if not args.ds_config:
             print("(no --ds-config: DeepSpeed ZeRO-Infinity defaults, bf16, parameters and "
                   "optimizer on NVMe)")
-        print(format_estimate(report))
+        print(format_estimate(report, drive_tbw=args.drive_tbw))
     return 0
 
 
@@ -457,6 +464,9 @@ def _add_profile(sub: Any) -> None:
                      help="stock DeepSpeed: glibc's mmap threshold of the run, e.g. 128KiB "
                           "(default: $MALLOC_MMAP_THRESHOLD_, else glibc's dynamic one, up "
                           "to 32 MiB)")
+    est.add_argument("--drive-tbw", type=_positive_float, default=None, metavar="TB",
+                     help="the swap drive's rated endurance in terabytes written: also report "
+                          "the steps until all ranks' writes reach it")
     est.add_argument("--json", action="store_true", help="print JSON")
     est.set_defaults(func=cmd_profile_estimate)
     run = psub.add_parser(

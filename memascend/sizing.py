@@ -908,8 +908,10 @@ class SsdTraffic:
     capacity:
         What the swap files hold.
     capacity_peak:
-        The most the swap area may occupy (memascend's store grows up to ``1 + sync_slack``
-        × its contents before it reclaims overwritten extents; DeepSpeed's files do not grow).
+        The most the swap area may occupy: DeepSpeed's files do not grow; memascend's
+        (non-durable) stores hold, beyond what they store, the new versions of the
+        overwrites in flight (at most the pinned memory that stages them) and what they grew
+        ahead (at most 1/16, :func:`store_slack_bytes`).
     read_per_step, written_per_step:
         Bytes read and written by one steady-state step (after the first, which creates the
         optimizer moments).
@@ -920,15 +922,39 @@ class SsdTraffic:
     read_per_step: int
     written_per_step: int
 
+    @property
+    def written_per_1000_steps(self) -> int:
+        """Bytes written by 1,000 steady-state steps."""
+        return 1000 * self.written_per_step
+
+    def steps_to_endurance(self, drive_tbw: float, ranks: int = 1) -> Optional[int]:
+        """Steady-state steps until ``ranks`` such ranks writing to one drive reach its rated
+        endurance of ``drive_tbw`` terabytes written (10^12 B); None if a step writes
+        nothing."""
+        per_step = self.written_per_step * max(1, int(ranks))
+        return int(drive_tbw * 1e12 // per_step) if per_step else None
+
     def to_dict(self) -> dict[str, int]:
         """The fields as a dict."""
         return {"capacity": self.capacity, "capacity_peak": self.capacity_peak,
-                "read_per_step": self.read_per_step, "written_per_step": self.written_per_step}
+                "read_per_step": self.read_per_step, "written_per_step": self.written_per_step,
+                "written_per_1000_steps": self.written_per_1000_steps}
+
+
+def store_slack_bytes(stored: int, staging: int) -> int:
+    """Space memascend's non-durable swap areas may take beyond the ``stored`` bytes: the new
+    versions of overwrites in flight (an overwritten extent is reused once its replacement
+    is recorded, and what is in flight is at most the ``staging`` pinned bytes that hold it)
+    and growing ahead (at most 1/16 of an area, :data:`memascend.store.GROW_AHEAD_DIV`).
+    The overwrites in flight are no more than what is stored, too: a small model's areas may
+    come to about twice its state, a large one's stay within ~1.1x."""
+    flight = min(int(staging), int(stored))
+    return flight + (int(stored) + flight) // 16
 
 
 def ds_ssd_traffic(param_partition_numels: Sequence[int], sub_groups: Sequence[Sequence[int]],
                    in_cpu: Sequence[bool], cfg: DeepSpeedConfig, *,
-                   page_aligned: bool = False, sync_slack: float = 0.0,
+                   page_aligned: bool = False, slack_bytes: int = 0,
                    recompute: bool = False, micro_batches: int = 1) -> SsdTraffic:
     """SSD capacity and per-step traffic of ZeRO-3 with NVMe offload, for one rank.
 
@@ -954,8 +980,9 @@ def ds_ssd_traffic(param_partition_numels: Sequence[int], sub_groups: Sequence[S
     page_aligned:
         Size every tensor to a multiple of 4096 B instead of DeepSpeed's alignment
         (memascend's store, drop-in).
-    sync_slack:
-        The store's reclaim slack (``capacity_peak = capacity × (1 + sync_slack)``).
+    slack_bytes:
+        Space beyond the stored bytes (``capacity_peak = capacity + slack_bytes``; memascend:
+        :func:`store_slack_bytes`).
     recompute:
         Activation checkpointing (parameters are read a third time).
     micro_batches:
@@ -991,18 +1018,19 @@ def ds_ssd_traffic(param_partition_numels: Sequence[int], sub_groups: Sequence[S
             cap += state + grads
             read += state + grads
             written += state + grads * micro_batches
-    return SsdTraffic(capacity=cap, capacity_peak=int(cap * (1 + sync_slack)),
+    return SsdTraffic(capacity=cap, capacity_peak=cap + int(slack_bytes),
                       read_per_step=read, written_per_step=written)
 
 
 def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optional[int] = None,
-                        optimizer_budget: Optional[int] = None, *, sync_slack: float = 1.0,
+                        optimizer_budget: Optional[int] = None, *,
                         micro_batches: int = 1, grads: Optional[bool] = None) -> SsdTraffic:
     """SSD capacity and steady-state traffic per step of ``offload_model`` (the step fused
     into backward, :mod:`memascend.fused`).
 
-    Capacity: the two tiers' stored bytes (:func:`offload_tier_bytes`); the swap areas may
-    grow to ``1 + sync_slack`` times that before overwritten extents are reclaimed. Per step:
+    Capacity: the two tiers' stored bytes (:func:`offload_tier_bytes`); at its peak, the
+    areas also hold the overwrites in flight and what they grew ahead
+    (:func:`store_slack_bytes` of the two budgets). Per step:
     every parameter is read in forward and again in backward unless the parameter tier holds
     the whole model (an upper bound: what is still cached when backward starts is not read
     again), per micro-batch; the update reads ``m`` and ``v`` (and the fp32 master when the
@@ -1011,7 +1039,7 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     but the first reads the stored sum; each but the last writes it, and the last writes it
     too when gradients are kept.
     """
-    b, _ob = offload_budgets(budget, optimizer_budget)
+    b, ob = offload_budgets(budget, optimizer_budget)
     keep = offload_stores_grads(micro_batches) if grads is None else grads
     p, o = offload_tier_bytes(numels, compute_bytes, grads=keep)
     g = sum(round_up(n * 4) for n in numels)
@@ -1019,5 +1047,5 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     param_reads = p if p <= b else 2 * p
     read = param_reads * micro_batches + state + g * (micro_batches - 1)
     written = p + state + g * (micro_batches - (0 if keep else 1))
-    return SsdTraffic(capacity=p + o, capacity_peak=int((p + o) * (1 + sync_slack)),
+    return SsdTraffic(capacity=p + o, capacity_peak=p + o + store_slack_bytes(p + o, b + ob),
                       read_per_step=read, written_per_step=written)

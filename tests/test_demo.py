@@ -101,3 +101,14 @@ def test_interrupt_removes_swap_files(tmp_path, sig):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert _leftovers(tmp_path) == []
+
+
+def test_cli_report_names_the_ssd_wear(tmp_path):
+    """The human report says the bytes written per step and per 1,000 steps (endurance)."""
+    run = subprocess.run([*CLI, "demo", "--model", "tiny", "--steps", "2", "--seq-len", "32",
+                          "--swap-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    wear = [ln for ln in run.stdout.splitlines() if "SSD wear:" in ln]
+    assert wear and "written per step" in wear[0] and "TB per 1,000 steps" in wear[0], run.stdout
+    assert _leftovers(tmp_path) == []

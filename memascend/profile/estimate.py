@@ -18,6 +18,7 @@ Everything here is arithmetic on shapes; reading files is the caller's business.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
@@ -494,8 +495,12 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
     if not w.host_activations:
         notes.append("activations are in GPU memory (not counted); use --gpus 0 for a CPU run")
     ssd = sz.ds_ssd_traffic(parts, groups, in_cpu, ds, page_aligned=not stock,
-                            sync_slack=0.0 if stock else 1.0, recompute=w.checkpointing,
-                            micro_batches=w.micro_batches)
+                            recompute=w.checkpointing, micro_batches=w.micro_batches)
+    if not stock:  # what memascend's areas hold beyond the state (overwrites in flight)
+        staging = sum(c.nbytes for c in comps
+                      if c.name in ("param_pool", "optimizer_pool", "grad_pieces"))
+        ssd = dataclasses.replace(ssd, capacity_peak=ssd.capacity +
+                                  sz.store_slack_bytes(ssd.capacity, staging))
     title = ("stock DeepSpeed ZeRO-3" if stock else "memascend swappers in DeepSpeed ZeRO-3") + \
         f" ({ds.model_dtype}, params {ds.param_device}, optimizer {ds.optimizer_device})"
     return Estimate("deepspeed" if stock else "memascend-deepspeed", title, tuple(comps),

@@ -20,9 +20,11 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f}"
 
 
-def format_estimate(report: EstimateReport) -> str:
+def format_estimate(report: EstimateReport, drive_tbw: Optional[float] = None) -> str:
     """The table ``memascend profile estimate`` prints: one column per system, one row per
-    component, then peaks, locked bytes, SSD capacity and traffic, notes and warnings."""
+    component, then peaks, locked bytes, SSD capacity, traffic and endurance (with
+    ``drive_tbw``, the drive's rated terabytes written: the steps until all ranks' writes
+    reach it), notes and warnings."""
     ests: Sequence[Estimate] = report.estimates
     w = report.workload
     lines = [f"model: {report.parameters:,d} parameters "
@@ -66,6 +68,13 @@ def format_estimate(report: EstimateReport) -> str:
     lines.append(total("SSD capacity, peak", lambda e: _mib(e.ssd.capacity_peak)))
     lines.append(total("SSD read per step", lambda e: _mib(e.ssd.read_per_step)))
     lines.append(total("SSD written per step", lambda e: _mib(e.ssd.written_per_step)))
+    lines.append(total("SSD written per 1,000 steps (TB)",
+                       lambda e: f"{e.ssd.written_per_1000_steps * e.ranks / 1e12:,.2f}"))
+    if drive_tbw is not None:
+        def steps(e: Estimate) -> str:
+            n = e.ssd.steps_to_endurance(drive_tbw, e.ranks)
+            return "-" if n is None else f"{n:,d}"
+        lines.append(total(f"steps to the drive's {drive_tbw:g} TBW", steps))
     lines.append("kinds: L locked, R resident from start-up, T transient (in the named phase; "
                  "peak = L + R + the largest phase), V virtual")
     stock = next((e for e in ests if e.system == "deepspeed"), None)
