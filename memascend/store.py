@@ -421,7 +421,7 @@ class SwapStore:
         most 1 GiB), so that growing ahead never fills the disk for other files, the other
         tiers' journals or other processes."""
         extra = min(self.config.grow_bytes - must,
-                    max(self._alloc.size // GROW_AHEAD_DIV, GROW_AHEAD_MIN))
+                    max(self._alloc.size // GROW_AHEAD_DIV // ALIGN * ALIGN, GROW_AHEAD_MIN))
         if extra <= 0:
             return 0
         spare = (self._fs_spare() - must) // 2

@@ -115,3 +115,16 @@ def test_a_small_grow_step_still_works(tmp_path):
         assert store.stats().area_bytes <= 20 * 40960 + (64 << 10)
     with SwapStore(str(tmp_path / "swap")) as store:
         assert torch.equal(store.read_tensor("k19").wait(30), torch.full((10000,), 19.0))
+
+
+def test_growing_ahead_stays_page_aligned_and_close_to_the_need(tmp_path):
+    """Areas past 16 MiB grow ahead by 1/16 of their size, rounded to whole pages (an
+    unaligned step failed the allocator: "cannot grow from 106872832 to 114420736"), and
+    the area stays within ~1.06x of what it holds plus 1 MiB."""
+    pages = 4097  # an odd number of pages: the area's size is no multiple of 64 KiB
+    with SwapStore(str(tmp_path / "swap")) as store:
+        for i in range(12):
+            store.write(f"k{i}", torch.ones(pages * 1024)).wait(30)  # 16 MiB + 4 KiB each
+            st = store.stats()
+            assert st.area_bytes % 4096 == 0
+            assert st.area_bytes <= st.stored_bytes * 17 // 16 + (1 << 20) + pages * 4096, st
