@@ -63,7 +63,20 @@ def collect_info() -> dict[str, Any]:
         else:
             chosen = "threads"
             reason = "io_uring unusable: " + backends["uring"]["detail"]
+    from . import tune
+
+    path = tune.tuned_path()
+    try:
+        doc = tune.load(path) if path else None
+        tuned = {"path": path, "in_effect": doc is not None,
+                 "settings": doc["settings"] if doc else None,
+                 "measured": {k: v for k, v in doc["measured"].items() if k != "trials"}
+                 if doc else None, "error": None}
+    except MemAscendError as exc:
+        tuned = {"path": path, "in_effect": False, "settings": None, "measured": None,
+                 "error": str(exc)}
     return {
+        "tuned": tuned,
         "version": __version__,
         "python": platform.python_version(),
         "torch": torch_version,
@@ -113,6 +126,18 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"swap engine      : backend 'auto' -> {eng['auto_backend']} ({eng['reason']})")
     for name, b in eng["backends"].items():
         print(f"  {name:<15}: {'yes' if b['available'] else 'no '}  {b['detail']}")
+    t = info["tuned"]
+    if t["error"]:
+        print(f"tuned settings   : ERROR {t['error']}")
+    elif t["in_effect"]:
+        m = t["measured"]
+        print(f"tuned settings   : {t['path']} (measured {m.get('date')} in {m.get('swap_dir')}): "
+              + "; ".join(f"{sec} " + ", ".join(f"{k}={v}" for k, v in vals.items())
+                          for sec, vals in t["settings"].items()))
+    else:
+        print(f"tuned settings   : none ({t['path'] or 'MEMASCEND_TUNED=off'}"
+              f"{' does not exist' if t['path'] else ''}; `memascend tune` measures and saves "
+              "them); built-in defaults")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -395,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "a \"memascend\" block in the DeepSpeed config overrides it")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS ...]")
     run.set_defaults(func=cmd_run)
+    from .tune_report import add_parser as add_tune
+
+    add_tune(sub, _positive_float)
     return p
 
 

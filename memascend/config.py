@@ -1,8 +1,9 @@
 """Configuration plumbing shared by every component.
 
 Each component has one frozen dataclass of options with a documented default per field.
-``from_env`` builds it from ``MEMASCEND_<SECTION>_<FIELD>`` environment variables, then
-applies explicit keyword arguments on top (explicit wins). Unknown keys are errors, both in
+``from_env`` builds it from the defaults, the tuned file's settings for its section
+(:mod:`memascend.tune`, written by ``memascend tune``), ``MEMASCEND_<SECTION>_<FIELD>``
+environment variables, then applies explicit keyword arguments on top (explicit wins). Unknown keys are errors, both in
 keyword arguments and in ``MEMASCEND_<SECTION>_*`` variables, so a misspelt option never goes
 silently unused.
 """
@@ -94,7 +95,9 @@ def from_env(cls: type[T], section: str, overrides: Mapping[str, Any] | None = N
     """
     environ = os.environ if environ is None else environ
     names = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
+    from .tune import tuned_settings  # below the environment: see memascend.tune
+
+    values: dict[str, Any] = {k: v for k, v in tuned_settings(section).items() if k in names}
     prefix = f"MEMASCEND_{section}_"
     for var, raw in environ.items():
         if not var.startswith(prefix):

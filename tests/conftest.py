@@ -1,4 +1,4 @@
-"""Shared fixtures: pools that are always closed; small loop-mounted filesystems.
+"""Shared fixtures: pools that are always closed; small loop-mounted filesystems; no tuned file.
 
 Swap stores grow with the default step (256 MiB, bounded by the free space) as users' do;
 tests that want a small step say so with ``grow_bytes=``.
@@ -12,7 +12,12 @@ import subprocess
 
 import pytest
 
-from memascend import PinnedPool
+# A tuned file of this machine (``memascend tune``) must not change what tests measure: every
+# test, and every process a test starts, runs with the built-in defaults unless it says
+# otherwise (tests/test_tune.py points MEMASCEND_TUNED at files of its own).
+os.environ["MEMASCEND_TUNED"] = "off"
+
+from memascend import PinnedPool  # noqa: E402
 
 
 @pytest.fixture

@@ -49,7 +49,8 @@ class _StoreBacked:
 
     def _open_store(self, swap_config: Any, aio_config: Any, base_folder: str) -> StoreAioHandle:
         folder = os.path.join(base_folder, "optimizer", f"rank{dist.get_rank()}")
-        self.rt = runtime(state.options(), aio_config, bool(swap_config.pin_memory))
+        self.rt = runtime(state.options(), aio_config, bool(swap_config.pin_memory),
+                          aio_given=state.aio_given())
         self.rt.drop_store(folder)
         self.store = self.rt.store(folder)
         self._live_folder = folder

@@ -58,7 +58,8 @@ class MemAscendParamSwapper(AsyncPartitionedParameterSwapper):
         dtype_name = str(self.dtype).split(".")[1]
         self.swap_folder = os.path.join(self.swap_config.nvme_path, "zero_stage_3",
                                         f"{dtype_name}params", f"rank{dist.get_rank()}")
-        self.rt = runtime(self.options, self.aio_config, bool(self.swap_config.pin_memory))
+        self.rt = runtime(self.options, self.aio_config, bool(self.swap_config.pin_memory),
+                          aio_given="aio" in ds_config._param_dict)
         self.rt.drop_store(self.swap_folder)
         shutil.rmtree(self.swap_folder, ignore_errors=True)
         private_dirs(self.swap_folder)

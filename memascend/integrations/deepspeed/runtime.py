@@ -155,10 +155,15 @@ class Runtime:
     settings; later swappers reuse it.
     """
 
-    def __init__(self, options: Options, aio: dict[str, int], lock: str):
+    def __init__(self, options: Options, aio: dict[str, int], lock: str,
+                 aio_given: bool = True):
         self.options = options
-        self.engine = SwapEngine(backend=options.backend, queue_depth=aio["queue_depth"],
-                                 chunk_bytes=aio["chunk_bytes"])
+        # The config's aio block sets the engine's queue depth and request size when the user
+        # gave one; otherwise (DeepSpeed's defaults fill it in) the environment, the tuned
+        # file (memascend tune) or the engine's defaults do, as for backend "auto".
+        qd, chunk = (aio["queue_depth"], aio["chunk_bytes"]) if aio_given else (None, None)
+        self.engine = SwapEngine(backend=None if options.backend == "auto" else options.backend,
+                                 queue_depth=qd, chunk_bytes=chunk)
         self.pool = PinnedPool(lock=options.lock or lock)
         self._stores: dict[str, SwapStore] = {}
         self._leases: dict[int, Lease] = {}  # address -> lease, for is_pinned and frees
@@ -334,13 +339,15 @@ _RUNTIME: Optional[Runtime] = None
 _RUNTIME_MU = threading.Lock()
 
 
-def runtime(options: Options, aio_config: Any, pin_memory: bool) -> Runtime:
-    """The process's :class:`Runtime`, built on first use."""
+def runtime(options: Options, aio_config: Any, pin_memory: bool,
+            aio_given: bool = True) -> Runtime:
+    """The process's :class:`Runtime`, built on first use (``aio_given``: the DeepSpeed
+    config had an ``aio`` block of its own, see :class:`Runtime`)."""
     global _RUNTIME
     with _RUNTIME_MU:
         if _RUNTIME is None:
             _RUNTIME = Runtime(options, aio_engine_settings(aio_config),
-                               "auto" if pin_memory else "off")
+                               "auto" if pin_memory else "off", aio_given)
         return _RUNTIME
 
 

@@ -12,6 +12,7 @@ from .runtime import Options
 
 _OPTIONS: Optional[Options] = None
 _BASE: Optional[Options] = None
+_AIO_GIVEN = True
 
 
 def set_options(options: Optional[Options], base: bool = False) -> None:
@@ -37,3 +38,15 @@ def options() -> Options:
 def enabled() -> bool:
     """Whether ``enable()`` is in effect."""
     return _OPTIONS is not None
+
+
+def set_aio_given(given: bool) -> None:
+    """Whether the config of the engine being built has an ``aio`` block of its own (set by
+    the wrapped ``deepspeed.initialize``)."""
+    global _AIO_GIVEN
+    _AIO_GIVEN = bool(given)
+
+
+def aio_given() -> bool:
+    """See :func:`set_aio_given` (True outside ``deepspeed.initialize``)."""
+    return _AIO_GIVEN

@@ -101,15 +101,17 @@ def wrap_initialize(original: Any) -> Any:
         if config is None:
             args_ns = kwargs.get("args", args[0] if args else None)
             config = getattr(args_ns, "deepspeed_config", None)
-        block = (_config_dict(config) or {}).get("memascend")
+        cfg = _config_dict(config)
         base = state.base_options()
-        merged = Options.merged(base, block)
+        merged = Options.merged(base, (cfg or {}).get("memascend"))
         merged.apply_heap()
         state.set_options(merged)
+        state.set_aio_given(cfg is None or "aio" in cfg)  # a config not read here: as given
         try:
             return original(*args, **kwargs)
         finally:
             state.set_options(base)
+            state.set_aio_given(True)
             rt = current_runtime()
             if rt is not None:
                 rt.trim()  # leases kept from initialisation are not training's working set
