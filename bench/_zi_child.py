@@ -50,7 +50,7 @@ def status() -> dict[str, int]:
     return out
 
 
-def swap_footprint(folder: str, system: str) -> dict[str, int]:
+def swap_footprint(folder: str, system: str) -> dict[str, Any]:
     """The swap folder's allocated bytes (``st_blocks``: what the filesystem holds for it)
     and the bytes of state stored in it: for stock DeepSpeed its files' sizes (a file per
     tensor, each exactly its tensor, aligned); for memascend the keys its stores hold."""
@@ -68,8 +68,14 @@ def swap_footprint(folder: str, system: str) -> dict[str, int]:
         from memascend.integrations.deepspeed.runtime import current_runtime
 
         rt = current_runtime()
-        stores = list(rt._stores.values()) if rt is not None else []
+        stores = rt.stores() if rt is not None else []
         apparent = sum(st.stats().stored_bytes for st in stores)
+        # where each area's bytes are: what it stores, free space (overwrites in flight
+        # need a second extent) and growth ahead
+        parts = [{"area": os.path.relpath(st.path, folder), "area_bytes": x.area_bytes,
+                  "stored_bytes": x.stored_bytes, "free_bytes": x.free_bytes}
+                 for st in stores for x in [st.stats()]]
+        return {"allocated": allocated, "stored": apparent, "areas": parts}
     return {"allocated": allocated, "stored": apparent}
 
 
@@ -188,6 +194,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         losses.append(float(loss.detach()))
         foot = swap_footprint(spec["swap_dir"], spec["system"])
         rec = {"swap_allocated": foot["allocated"], "swap_stored": foot["stored"],
+               "swap_areas": foot.get("areas"),
                "forward_s": t1 - t0, "backward_s": t2 - t1, "step_s": t3 - t2,
                "total_s": t3 - t0, "hwm_after": [s1["VmHWM"], s2["VmHWM"], s3["VmHWM"]],
                "rss_after": [s1["VmRSS"], s2["VmRSS"], s3["VmRSS"]]}

@@ -138,7 +138,7 @@ FULL = {"model": "llama-1b", "limit": 4608 * MiB, "steps": 3, "batch": 1, "seq_l
 QUICK = {"model": "quick", "limit": 1152 * MiB, "steps": 2, "batch": 1, "seq_len": 16,
          "bw_bytes": 256 * MiB, "timeout": 300.0, "compute_reps": 1}
 SSD_BYTES_PER_PARAM = 12  # fp32: the parameter (its own master) 4 + m and v 8
-SSD_GROWTH = 2  # a store may grow to ~2x its stored bytes before reclaiming (sync_slack 1.0)
+SSD_GROWTH = 2  # a step keeps the old versions of what it updated aside until step(): ~2x
 
 
 def log(msg: str) -> None:

@@ -1028,8 +1028,11 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     """SSD capacity and steady-state traffic per step of ``offload_model`` (the step fused
     into backward, :mod:`memascend.fused`).
 
-    Capacity: the two tiers' stored bytes (:func:`offload_tier_bytes`); at its peak, the
-    areas also hold the overwrites in flight and what they grew ahead
+    Capacity: the two tiers' stored bytes (:func:`offload_tier_bytes`). At its peak, in a
+    step, the areas also hold the old version of every parameter and of its optimizer state
+    that the step has updated (an update is a speculation until ``step()`` commits it, kept
+    aside for an exact undo: :mod:`memascend.fused`), so about twice the state without the
+    gradients, plus the overwrites in flight and what the areas grew ahead
     (:func:`store_slack_bytes` of the two budgets). Per step:
     every parameter is read in forward and again in backward unless the parameter tier holds
     the whole model (an upper bound: what is still cached when backward starts is not read
@@ -1047,5 +1050,7 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     param_reads = p if p <= b else 2 * p
     read = param_reads * micro_batches + state + g * (micro_batches - 1)
     written = p + state + g * (micro_batches - (0 if keep else 1))
-    return SsdTraffic(capacity=p + o, capacity_peak=p + o + store_slack_bytes(p + o, b + ob),
+    aside = p + state  # old versions of what the window updated, until step() commits
+    return SsdTraffic(capacity=p + o,
+                      capacity_peak=p + o + aside + store_slack_bytes(p + o + aside, b + ob),
                       read_per_step=read, written_per_step=written)

@@ -189,6 +189,11 @@ class Runtime:
                 self._stores[folder] = st
             return st
 
+    def stores(self) -> list[SwapStore]:
+        """The swap areas open now (for stats)."""
+        with self._mu:
+            return list(self._stores.values())
+
     def store_for(self, path: str) -> Optional[tuple[SwapStore, str]]:
         """The swap area whose folder holds ``path``, and the key of ``path`` in it."""
         path = os.path.abspath(path)
