@@ -13,12 +13,14 @@ What it measures, for the two ways memascend offloads:
   ``write_bytes`` delta of ``/proc/self/io`` over the timed steps (block-layer bytes; O_DIRECT
   libaio and io_uring alike).
 * ``offload_model`` (bench/_plain_child.py, as in bench/plain_vs_ram.py: the same LLaMA,
-  batch 1, fp32, AdamW) alone: its two stores' area size and stored bytes after each step, and
-  the bytes they wrote (store counters).
+  batch 1, fp32, AdamW) alone, twice: with its defaults (exact undo: a step's old versions
+  kept aside until ``step()``) and with ``exact_undo=False, accumulation_steps=1`` (each
+  update committed as it is made); its two stores' area size and stored bytes after each
+  step, and the bytes they wrote (store counters). The two must give the same losses.
 
 ``swap_area_ratio`` of a run is the largest allocated / stored over its timed steps (1.0: no
 space beyond the state). The JSON ``summary``: ``swap_area_ratio`` (max over memascend's runs,
-drop-in and plain), ``dropin_write_ratio`` (median over pairs of the drop-in's bytes written
+drop-in and both plain ones), each run's own ratio, ``dropin_write_ratio`` (median over pairs of the drop-in's bytes written
 per step over stock's), stock's own area ratio for reference, and whether each pair's losses
 were equal. Without DeepSpeed's prebuilt ``async_io``/``cpu_adam`` ops (``make ds-ops``) the
 drop-in part is skipped and says why.
@@ -118,14 +120,14 @@ def dropin_pairs(args: argparse.Namespace, ext_dir: str) -> tuple[list[dict], Op
     return pairs, None
 
 
-def plain_run(args: argparse.Namespace) -> dict[str, Any]:
-    """One offload_model run; its footprint record."""
+def plain_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """One offload_model run with ``options``; its footprint record."""
     cfg = parse_config(f"{args.model}-1x{args.seq}")
     work = tempfile.mkdtemp(prefix="memascend-ssd-plain-", dir=args.dir)
-    log("offload_model ...")
+    log(f"offload_model {options or ''} ...")
     try:
         rec = run_plain_child("offload", cfg, SimpleNamespace(steps=args.warmup + args.steps,
-                                                               offload_options={}), work)
+                                                               offload_options=options), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     timed = rec["steps"][args.warmup:]
@@ -133,19 +135,22 @@ def plain_run(args: argparse.Namespace) -> dict[str, Any]:
            "swap_area_max": max(s["swap_area"] for s in timed),
            "swap_stored_max": max(s["swap_stored"] for s in timed),
            "write_bytes_per_step": statistics.median(s["ssd_written"] for s in timed),
-           "read_bytes_per_step": statistics.median(s["ssd_read"] for s in timed)}
+           "read_bytes_per_step": statistics.median(s["ssd_read"] for s in timed),
+           "options": options, "losses": [s["loss"] for s in rec["steps"]]}
     log(f"offload_model: wrote {fmt_bytes(out['write_bytes_per_step'])}/step, area "
         f"{out['swap_area_ratio']:.3f}x its state")
     return out
 
 
-def summarize(pairs: list[dict], plain: Optional[dict]) -> dict[str, Any]:
+def summarize(pairs: list[dict], plain: Optional[dict],
+              commit: Optional[dict] = None) -> dict[str, Any]:
     """The JSON summary (see the module docstring)."""
     ok = [p for p in pairs if all("failed" not in p.get(s, {"failed": 1})
                                   for s in ("stock", "memascend"))]
     ratios = [p["memascend"]["swap_area_ratio"] for p in ok]
-    if plain is not None:
-        ratios.append(plain["swap_area_ratio"])
+    for run in (plain, commit):
+        if run is not None:
+            ratios.append(run["swap_area_ratio"])
     ratios = [r for r in ratios if r is not None]
     w = [p["memascend"]["write_bytes_per_step"] / p["stock"]["write_bytes_per_step"]
          for p in ok if p["stock"]["write_bytes_per_step"]]
@@ -156,6 +161,9 @@ def summarize(pairs: list[dict], plain: Optional[dict]) -> dict[str, Any]:
             "stock_swap_area_ratio": max((p["stock"]["swap_area_ratio"] for p in ok),
                                          default=None),
             "plain_swap_area_ratio": plain["swap_area_ratio"] if plain else None,
+            "plain_commit_swap_area_ratio": commit["swap_area_ratio"] if commit else None,
+            "plain_losses_equal": plain["losses"] == commit["losses"]
+            if plain and commit else None,
             "dropin_write_ratio": statistics.median(w) if w else None,
             "losses_equal": all(p["stock"]["losses"] == p["memascend"]["losses"] for p in ok)
             if ok else None}
@@ -174,12 +182,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if skipped:
         log(f"drop-in pairs skipped: {skipped}")
         doc["dropin_skipped"] = skipped
-    plain = None if args.no_plain else plain_run(args)
-    doc.update(pairs=pairs, plain=plain, summary=summarize(pairs, plain))
+    plain = None if args.no_plain else plain_run(args, {})
+    commit = None if args.no_plain else plain_run(args, {"exact_undo": False,
+                                                         "accumulation_steps": 1})
+    doc.update(pairs=pairs, plain=plain, plain_commit=commit,
+               summary=summarize(pairs, plain, commit))
     s = doc["summary"]
     print(f"swap area / stored state, max over memascend runs: {s['swap_area_ratio']}")
     print(f"  drop-in {s['dropin_swap_area_ratio']}, offload_model "
-          f"{s['plain_swap_area_ratio']}, stock DeepSpeed {s['stock_swap_area_ratio']}")
+          f"{s['plain_swap_area_ratio']} (exact_undo=False: "
+          f"{s['plain_commit_swap_area_ratio']}), stock DeepSpeed {s['stock_swap_area_ratio']}")
     print(f"drop-in bytes written per step / stock's (median of {s['pairs_ok']} pairs): "
           f"{s['dropin_write_ratio']}; losses equal: {s['losses_equal']}")
     if args.json:

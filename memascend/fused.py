@@ -110,12 +110,20 @@ class FusedAdam(UpdateJobs):
     overlap:
         Updates from stored gradients run behind :meth:`step`, overlapping the next forward
         (False: the owner settles them right after :meth:`step`).
+    exact_undo:
+        True: old versions are kept aside until the commit (see the module docstring).
+        False: each update is committed as it is made, so the swap areas hold the state once
+        (about 1.1x) instead of twice during a step. Nothing can be undone then: windows with
+        clipping or fp16 run deferred (the clipping coefficient and an overflow are known
+        before any update), a forward or backward after a window's fused last micro-batch
+        and ``zero_grad()`` before ``step()`` are errors, and an update that fails leaves the
+        step partly applied (the error names how many parameters it updated).
     """
 
     def __init__(self, tiers: Any, order: list[str], optimizer: AdamW,
                  accumulation_steps: Optional[int], max_grad_norm: Optional[float],
                  fused: bool, queue_bytes: int, host_threads: Optional[int] = None,
-                 overlap: bool = True):
+                 overlap: bool = True, exact_undo: bool = True):
         self.t = tiers
         self.order = order
         self.hp = optimizer
@@ -126,6 +134,7 @@ class FusedAdam(UpdateJobs):
         self.queue_bytes = queue_bytes
         self.host_threads = host_threads
         self.overlap = overlap
+        self.undo = exact_undo
         self.fp32 = tiers.compute_dtype == torch.float32
         self.fp16 = tiers.compute_dtype == torch.float16
         self.steps: dict[str, torch.Tensor] = {n: torch.tensor(0.0) for n in order}
@@ -188,6 +197,15 @@ class FusedAdam(UpdateJobs):
         self.wait()
         self._raise_failure()
         names = list(self.updated)
+        if not self.undo:
+            n = len(names)
+            self._commit(self.updated)
+            self._new_window()
+            raise MemAscendError(
+                "forward or backward after the last micro-batch of the window, before step(): "
+                f"with exact_undo=False its {n} fused updates were committed as they were "
+                "made and cannot be undone; call step() after the last micro-batch (declare "
+                "accumulation_steps to match your loop)")
         self._rollback()
         self.counts.rollbacks_extended += 1
         self.final_done = False
@@ -221,7 +239,9 @@ class FusedAdam(UpdateJobs):
         last = self.window_len is not None and self.micro >= self.window_len
         if last and self.mode is None:
             clip_predicted = self.max_grad_norm is not None and self._clipped_last
-            fuse = self.fused and not clip_predicted and not self.overflow
+            # without undo, fuse only where nothing could need undoing: no clipping, no fp16
+            undoable = self.undo or (self.max_grad_norm is None and not self.fp16)
+            fuse = self.fused and not clip_predicted and not self.overflow and undoable
             self.mode = "fused" if fuse else "deferred"
         self.in_final = last and self.mode == "fused"
         self.deferred_last = last and self.mode == "deferred"
@@ -294,11 +314,20 @@ class FusedAdam(UpdateJobs):
         if self._error is None:
             return
         err = self._error
+        applied = len(self.updated)
         try:
-            self._rollback()
+            if self.undo:
+                self._rollback()
+            else:
+                self._commit(self.updated)
         finally:
             self._error = None
             self._new_window()
+        if not self.undo:
+            raise MemAscendError(f"the optimizer step failed after {applied} of "
+                                 f"{len(self.order)} parameters were updated and committed "
+                                 "(exact_undo=False): the model is part way through the step; "
+                                 f"load the last checkpoint: {err}") from err
         raise MemAscendError(f"the optimizer step failed: {err}") from err
 
     @property
@@ -411,6 +440,13 @@ class FusedAdam(UpdateJobs):
             self._commit(record)
             return
         err, self._error = self._error, None
+        if not self.undo:
+            applied = len(record)
+            self._commit(record)
+            raise MemAscendError(f"the optimizer step failed after step() returned, after "
+                                 f"{applied} parameters were updated and committed "
+                                 "(exact_undo=False): the model is part way through the step; "
+                                 f"load the last checkpoint: {err}") from err
         self.counts.steps_undone += 1
         self.t.step_undone()  # gives back the model's holds on the parameters first
         self._rollback(record)
@@ -492,6 +528,13 @@ class FusedAdam(UpdateJobs):
         self.settle()
         self.wait()
         self._error = None
+        if self.updated and not self.undo:
+            n = len(self.updated)
+            self._commit(self.updated)
+            self._new_window()
+            raise MemAscendError(f"zero_grad() before step(): with exact_undo=False the "
+                                 f"window's {n} fused updates were committed as they were made "
+                                 "and cannot be discarded; the step counts as taken")
         if self.updated:
             self._rollback()
             self.counts.rollbacks_discarded += 1

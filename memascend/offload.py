@@ -110,7 +110,8 @@ class OffloadedModel:
                  accumulation_steps: Optional[int] = None,
                  max_grad_norm: Optional[float] = None, fused_step: bool = True,
                  heap_mmap_threshold: int = PLAIN_MMAP_THRESHOLD,
-                 host_threads: Optional[int] = None, overlap_step: bool = True):
+                 host_threads: Optional[int] = None, overlap_step: bool = True,
+                 exact_undo: bool = True):
         compute_dtype = check_options(compute_dtype, accumulation_steps, max_grad_norm,
                                       heap_mmap_threshold, host_threads)
         previous = getattr(model, "_memascend_offloaded_to", None)
@@ -168,7 +169,8 @@ class OffloadedModel:
                                     max_grad_norm, fused_step,
                                     queue_bytes=offload_queue_bytes(
                                         [math.prod(v) for v in self._shapes.values()], opt_b),
-                                    host_threads=host_threads, overlap=bool(overlap_step))
+                                    host_threads=host_threads, overlap=bool(overlap_step),
+                                    exact_undo=bool(exact_undo))
             self._opened.append(self._fused)
             self._tier = ParamTier(self._params, self.params_sw, compute_dtype,
                                    self._backward_event, lambda: self._fused.busy,
@@ -542,7 +544,13 @@ def offload_model(model: torch.nn.Module, swap_dir: str, **options: Any) -> Offl
         ``overlap_step`` (default True: the updates that cannot be fused into backward, in
         deferred and clipped windows, run on the worker after :meth:`OffloadedModel.step`
         returns, while the next forward goes on, each module's forward waiting only for its
-        own parameters; False: ``step()`` returns when they are done).
+        own parameters; False: ``step()`` returns when they are done);
+        ``exact_undo`` (default True: a step's updates keep the old versions aside until
+        they are committed, so the SSD holds about twice the state during a step; False:
+        each update is committed as it is made, about 1.1x, and nothing can be undone:
+        clipped and fp16 windows run two-phase, a longer window or ``zero_grad()`` before
+        ``step()`` is an error, a failed update leaves the step partly applied; see
+        :class:`memascend.fused.FusedAdam`).
 
     Parameters on the ``meta`` device (see :func:`meta_parameters`) are materialized one
     module at a time: allocated on the CPU, filled by ``init(module)`` (default

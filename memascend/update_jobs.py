@@ -159,10 +159,12 @@ class UpdateJobs:
     def _set_aside(self, n: str, record: dict[str, tuple[float, bool]]) -> None:
         """Keep the old versions of ``n``'s state aside (their reads are done or in flight,
         which hold the extents) and list the update in ``record``: it is a speculation until
-        it is committed."""
-        for _sw, store, key in self._keys(n):
-            if key in store:
-                store.rename(key, key + "~")
+        it is committed. Without ``exact_undo`` only the listing: the update's writes replace
+        the old versions, whose extents the store reuses."""
+        if self.undo:  # else overwritten in place of the key: the store frees the old one
+            for _sw, store, key in self._keys(n):
+                if key in store:
+                    store.rename(key, key + "~")
         record[n] = (float(self.steps[n]), n in self.has_state)
 
     def _update(self, n: str, master: torch.Tensor, g: torch.Tensor,

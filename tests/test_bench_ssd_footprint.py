@@ -25,8 +25,11 @@ def test_plain_run_and_skipped_dropin(tmp_path):
     plain = doc["plain"]
     assert plain["swap_stored_max"] > 0 and plain["write_bytes_per_step"] > 0
     assert plain["swap_area_max"] >= plain["swap_stored_max"]
+    commit = doc["plain_commit"]
+    assert commit["options"] == {"exact_undo": False, "accumulation_steps": 1}
     s = doc["summary"]
-    assert s["swap_area_ratio"] == plain["swap_area_ratio"] >= 1.0
+    assert s["swap_area_ratio"] == max(plain["swap_area_ratio"], commit["swap_area_ratio"])
+    assert s["plain_losses_equal"] is True
     assert s["pairs_ok"] == 0 and s["dropin_write_ratio"] is None
     assert not list(tmp_path.glob("memascend-ssd-plain-*"))  # work folders removed
 
