@@ -374,7 +374,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``memascend`` command."""
-    p = _Parser(prog="memascend", description=__doc__.split("\n")[0])
+    p = _Parser(prog="memascend", description="memascend: fine-tune LLMs whose training "
+                "state lives on SSD. Commands: info, demo, profile (estimate | run), run, tune; "
+                "each takes --help")
     p.add_argument("--version", action="version", version=f"memascend {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what this machine allows: native build, memlock, io_uring")
@@ -531,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memascend: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `memascend ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

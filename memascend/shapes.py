@@ -16,8 +16,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-#: Where the model presets live: ``<repo root>/configs/models/<name>.json``.
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+#: Where the model presets live: ``memascend/presets/<name>.json``, package data (installed
+#: with the package; ``configs/models`` in the source tree links here).
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 _LLAMA_INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "vocab_size")

@@ -60,3 +60,27 @@ def test_console_script_installed():
         pytest.skip("console script not installed in this environment")
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "memascend" in proc.stdout
+
+
+def test_presets_are_package_data_and_help_is_plain_text():
+    """The model presets ship inside the package (``pip install`` then ``profile estimate
+    --model llama2-7b`` works outside the source tree); ``--help`` has no RST markup."""
+    import importlib.resources
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from memascend.shapes import PRESET_DIR, available_presets
+
+    pkg = importlib.resources.files("memascend")
+    assert (pkg / "presets" / "llama2-7b.json").is_file()
+    assert Path(str(pkg)) in PRESET_DIR.parents and "llama2-7b" in available_presets()
+    root = Path(__file__).resolve().parent.parent
+    with open(root / "pyproject.toml", "rb") as f:
+        data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["memascend"]
+    assert "presets/*.json" in data
+    out = subprocess.run([sys.executable, "-m", "memascend.cli", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "``" not in out.stdout
