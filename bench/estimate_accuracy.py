@@ -117,9 +117,9 @@ def child_runtime(spec: dict[str, Any], deepspeed: bool) -> dict[str, Any]:
     import memascend  # noqa: F401
 
     if spec.get("fix_malloc"):
-        from memascend.demo import fix_malloc_mmap_threshold
+        from memascend.heap import PLAIN_MMAP_THRESHOLD, set_mmap_threshold
 
-        fix_malloc_mmap_threshold()
+        set_mmap_threshold(PLAIN_MMAP_THRESHOLD)
     if deepspeed:
         _ds_env(spec)
         import deepspeed as ds
@@ -136,10 +136,10 @@ def child_memascend(spec: dict[str, Any]) -> dict[str, Any]:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     import memascend
-    from memascend.demo import fix_malloc_mmap_threshold
+    from memascend.heap import PLAIN_MMAP_THRESHOLD, set_mmap_threshold
 
     if spec.get("fix_malloc"):
-        fix_malloc_mmap_threshold()
+        set_mmap_threshold(PLAIN_MMAP_THRESHOLD)
     transformers.logging.set_verbosity_error()
     rss_runtime = _status().get("VmRSS", 0)
     torch.manual_seed(0)

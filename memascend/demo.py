@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 from .config import parse_size
 from .errors import ConfigError
-from .heap import set_mmap_threshold
+from .heap import PLAIN_MMAP_THRESHOLD, set_mmap_threshold
 from .sysinfo import proc_status
 
 #: Demo model shapes (LLaMA architecture, byte vocabulary).
@@ -171,19 +171,6 @@ def model_config(name: str) -> dict[str, Any]:
     return {k: cfg[k] for k in keep if k in cfg}
 
 
-def fix_malloc_mmap_threshold(nbytes: int = 128 << 10) -> bool:
-    """Make glibc serve every allocation of ``nbytes`` or more with its own mmap, returned to
-    the OS on free (``mallopt(M_MMAP_THRESHOLD)``, the same as ``MALLOC_MMAP_THRESHOLD_``).
-
-    glibc raises that threshold dynamically when large blocks are freed, after which
-    gradient-sized temporaries come from the heap and their memory stays in the process after
-    they are freed: with offloaded training that is the largest part of peak RSS after the
-    runtime itself (about 120 MB less VmHWM for the 85 M-parameter demo model). Process-wide;
-    False where it is not glibc.
-    """
-    return set_mmap_threshold(nbytes)
-
-
 def _swap_base(swap_dir: Optional[str]) -> str:
     if swap_dir:
         return swap_dir
@@ -238,7 +225,7 @@ def run_demo(opts: DemoOptions,
     from .offload import AdamW, meta_parameters, offload_model
 
     transformers.logging.set_verbosity_error()
-    malloc_fixed = fix_malloc_mmap_threshold()
+    malloc_fixed = set_mmap_threshold(PLAIN_MMAP_THRESHOLD)  # see memascend.heap
     cfg_dict = model_config(opts.model)
     corpus = torch.frombuffer(bytearray(load_corpus(opts.corpus_bytes)), dtype=torch.uint8)
     if corpus.numel() <= opts.seq_len + 1:

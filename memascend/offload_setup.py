@@ -16,16 +16,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .errors import ConfigError
-from .heap import check_threshold, set_mmap_threshold
+from .heap import PLAIN_MMAP_THRESHOLD, check_threshold, set_mmap_threshold
 from .extents import round_up
 from .pool import PinnedPool
 from .sizing import offload_arena_bytes
 
-# glibc's mmap threshold for the plain path: its many small tensors (norms, biases, a small
-# model's weights) would stay in the heap above 128 KiB (the demo: 726 MiB peak RSS at 1 MiB,
-# 629 MiB at 128 KiB); the price is page faults on fresh tensors (at 134M parameters, 0 = the
-# dynamic threshold saved 0.35 CPU-s per step for 0.22 GiB more peak RSS).
-PLAIN_MMAP_THRESHOLD = 128 << 10
 
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
