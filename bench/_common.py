@@ -1,12 +1,16 @@
 """Pieces every benchmark under bench/ shares: the CPU's name for the machine record, the
-``--json PATH`` check, and writing the JSON document. Benchmarks run as scripts
+``--json PATH`` check, writing the JSON document, progress lines on stderr, the median that
+tolerates no data, and an argument parser whose errors are one line. Benchmarks run as scripts
 (``python bench/x.py``) that put the repository on ``sys.path``; they import ``bench._common``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,3 +39,21 @@ def write_json(path: str, doc: dict[str, Any], **dump: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1, **dump)
         f.write("\n")
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; stdout carries only the report."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median(xs: Any, empty: Any = math.nan) -> Any:
+    """The median of the values of ``xs`` that are not None; ``empty`` when there are none."""
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else empty
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> Any:  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message}\n")

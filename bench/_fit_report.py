@@ -12,20 +12,14 @@ a warm-up), and None if any measured step has an anomaly.
 """
 from __future__ import annotations
 
-import statistics
 from typing import Any, Optional
 
+from bench._common import median
 from memascend.sysinfo import fmt_bytes
 
 GOAL = 0.8
 MIN_RATIO = 3.0
 GiB = 1 << 30
-
-
-def med(xs: list[Optional[float]]) -> Optional[float]:
-    """Median of the values that are not None; None for none."""
-    vals = [x for x in xs if x is not None]
-    return statistics.median(vals) if vals else None
 
 
 def step_anomalies(seconds: float, compute_s: float, io_bound_s: float) -> list[str]:
@@ -57,10 +51,11 @@ def analyse(res: dict[str, Any], bw: dict[str, float], compute_s: float) -> dict
     measured = steps[1:] if len(steps) > 1 else steps
     keys = ("seconds", "forward_s", "backward_s", "optimizer_s", "bytes_read", "bytes_written",
             "io_bound_s", "bound_s", "seconds_not_waiting", "other_cpu_s")
-    out: dict[str, Any] = {f"median_{k}": med([s.get(k) for s in measured]) for k in keys}
+    out: dict[str, Any] = {f"median_{k}": median([s.get(k) for s in measured], None)
+                           for k in keys}
     anomalies = [f"step {s['step']}: {a}" for s in measured for a in s["anomalies"]]
     out["median_overlap_efficiency"] = (None if anomalies or not measured else
-                                        med([s["overlap_efficiency"] for s in measured]))
+                                        median([s["overlap_efficiency"] for s in measured], None))
     out["anomalies"] = anomalies
     out["measured_steps"] = [s["step"] for s in measured]
     return out

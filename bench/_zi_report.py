@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from typing import Any
+
+from bench._common import median as med
 
 METRICS = ("peak_rss", "peak_vmlck", "step_time_s", "read_bytes_per_step",
            "write_bytes_per_step", "swap_bytes_per_step")
 GOAL_RSS, GOAL_STEP = 0.35, 1.0
 MIB = 1 << 20
-
-
-def med(xs: list[float]) -> float:
-    """Median, NaN for none."""
-    return statistics.median(xs) if xs else math.nan
 
 
 def ratio(a: float, b: float) -> float:

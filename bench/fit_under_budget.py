@@ -117,7 +117,8 @@ if str(REPO) not in sys.path:
 
 from bench._cgroup import (CgroupUnavailable, cgroup_root, pid_gone,  # noqa: E402
                            remove_stale_cgroups)
-from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
+from bench._common import (OneLineParser as _ArgumentParser, check_json_path, cpu_model,  # noqa: E402
+                           log, write_json)
 from bench._fit_bounds import combine_compute, measure_bandwidth, measure_compute  # noqa: E402
 from bench._fit_children import (CGROUP_PREFIX, DEFAULT_EXT_DIR, LR,  # noqa: E402
                                  deepspeed_floor, deepspeed_ops_prebuilt, run_child)
@@ -139,11 +140,6 @@ QUICK = {"model": "quick", "limit": 1152 * MiB, "steps": 2, "batch": 1, "seq_len
          "bw_bytes": 256 * MiB, "timeout": 300.0, "compute_reps": 1}
 SSD_BYTES_PER_PARAM = 12  # fp32: the parameter (its own master) 4 + m and v 8
 SSD_GROWTH = 2  # a step keeps the old versions of what it updated aside until step(): ~2x
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr; stdout carries only the report."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 def model_dict(name: str) -> dict[str, Any]:
@@ -169,12 +165,6 @@ def remove_stale(base: str) -> None:
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     for path in remove_stale_cgroups(CGROUP_PREFIX):
         log(f"removed cgroup {path} left by a killed run")
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
 
 
 def _int_arg(p: argparse.ArgumentParser, name: str, raw: Optional[str], default: int,

@@ -91,7 +91,6 @@ import resource
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,7 +107,8 @@ from memascend.config import parse_size  # noqa: E402
 from memascend.engine import IORequest, SwapEngine, probe_backends  # noqa: E402
 from memascend.errors import ConfigError, MemAscendError  # noqa: E402
 from memascend.sysinfo import fmt_bytes, io_uring_sysctl, phys_bytes  # noqa: E402
-from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
+from bench._common import (OneLineParser as _ArgumentParser, check_json_path, cpu_model,  # noqa: E402
+                           log, median, write_json)
 
 MiB, GiB = 1 << 20, 1 << 30
 REQUEST_SIZES = (1 * MiB, 8 * MiB)
@@ -121,11 +121,6 @@ ENGINE_BACKENDS = ("uring", "threads", "pyuring")
 GOAL = 0.95
 WAIT_TIMEOUT = 120.0
 DEFAULT_EXT_DIR = os.path.expanduser("~/.cache/memascend-torch-ext")
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr; stdout carries only the report."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 def cpu_seconds() -> float:
@@ -568,11 +563,6 @@ def machine_info(directory: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- statistics and report
-def median(xs: list[float]) -> Optional[float]:
-    """Median, or None for no data."""
-    return statistics.median(xs) if xs else None
-
-
 def aggregate(raw: list[dict[str, Any]], competitors: list[str]) -> list[dict[str, Any]]:
     """Per (request size, depth, competitor, direction): medians and median ratio to fio."""
     rows = []
@@ -596,11 +586,11 @@ def aggregate(raw: list[dict[str, Any]], competitors: list[str]) -> list[dict[st
                     if not mib:
                         continue
                     rows.append({"request_bytes": req, "queue_depth": qd, "competitor": comp,
-                                 "direction": op, "reps": len(mib), "mib_s_median": median(mib),
+                                 "direction": op, "reps": len(mib), "mib_s_median": median(mib, None),
                                  "mib_s_min": min(mib), "mib_s_max": max(mib),
-                                 "cpu_s_per_gib_median": median(cpu),
-                                 "dev_avg_request_kib_median": median(dev),
-                                 "ratio_to_fio_median": median(ratios),
+                                 "cpu_s_per_gib_median": median(cpu, None),
+                                 "dev_avg_request_kib_median": median(dev, None),
+                                 "ratio_to_fio_median": median(ratios, None),
                                  "ratios_to_fio": ratios})
     return rows
 
@@ -625,8 +615,8 @@ def summarize(raw: list[dict[str, Any]], competitors: list[str]) -> dict[str, An
                     ratios[op].append(c[op]["mib_s"] / f[op]["mib_s"])
         if comp != "fio":
             for op in ("read", "write"):
-                s[f"{key}_{op}_vs_fio"] = median(ratios[op])
-        s[f"{key}_cpu_s_per_gib"] = median(cpu)
+                s[f"{key}_{op}_vs_fio"] = median(ratios[op], None)
+        s[f"{key}_cpu_s_per_gib"] = median(cpu, None)
     s["goal_uring_vs_fio"] = GOAL
     r, w = s.get("uring_read_vs_fio"), s.get("uring_write_vs_fio")
     s["uring_meets_throughput_goal"] = None if r is None or w is None else \
@@ -703,12 +693,6 @@ def print_report(rows: list[dict[str, Any]], summary: dict[str, Any],
 
 
 # ---------------------------------------------------------------- main
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options; exits 2 with a one-line message on bad arguments."""
     p = _ArgumentParser(prog="io_throughput.py", description=__doc__.split("\n\n")[0],

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
+from bench._common import check_json_path, cpu_model, median as med, write_json  # noqa: E402
 from bench._fit_bounds import measure_bandwidth  # noqa: E402
 
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
@@ -129,10 +128,6 @@ def run_child(kind: str, cfg: dict[str, Any], args: Any, workdir: str) -> dict[s
 
 def steady(rec: dict[str, Any], warmup: int) -> list[dict[str, Any]]:
     return rec["steps"][warmup:]
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def crc_throughput() -> dict[str, float]:

@@ -47,16 +47,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._common import check_json_path, write_json  # noqa: E402
+from bench._common import check_json_path, log, write_json  # noqa: E402
 from bench._zi_run import run_child as run_ds_child  # noqa: E402
 from bench.plain_vs_ram import parse_config, run_child as run_plain_child  # noqa: E402
 from bench.zero_infinity import DEFAULT_EXT_DIR, MODELS, missing, settings_for  # noqa: E402
 from memascend.sysinfo import fmt_bytes  # noqa: E402
-
-
-def log(msg: str) -> None:
-    """Progress on stderr."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

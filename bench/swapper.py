@@ -85,7 +85,8 @@ if str(REPO) not in sys.path:
 from memascend.errors import ConfigError  # noqa: E402
 from memascend.shapes import llama_parameter_shapes, load_model_config  # noqa: E402
 from memascend.sysinfo import fmt_bytes, phys_bytes, proc_status  # noqa: E402
-from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
+from bench._common import (OneLineParser as _Parser, check_json_path, cpu_model,  # noqa: E402
+                           log, median as med, write_json)
 
 BF16 = 2
 DEFAULT_MODEL, DEFAULT_LAYERS, QUICK_LAYERS = "llama-1b", 8, 2
@@ -103,11 +104,6 @@ DS_MIN_SWAP_BYTES = 1 << 20       # max(MIN_AIO_BYTES, aio block_size): smaller 
 DS_MAX_IN_CPU = 1_000_000_000
 DEFAULT_EXT_DIR = os.path.expanduser("~/.cache/memascend-torch-ext")
 DS_TIMEOUT = 900
-
-
-def log(msg: str) -> None:
-    """Progress on stderr."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- workload
@@ -509,11 +505,6 @@ def machine_info(workdir_parent: str) -> dict[str, Any]:
             "uid": os.getuid()}
 
 
-def med(xs: list[float]) -> float:
-    """Median, NaN for none."""
-    return statistics.median(xs) if xs else math.nan
-
-
 def ratio_rows(m: dict[str, Any]) -> dict[str, Any]:
     """Per-ratio medians over the repetitions of one budget's measurement."""
     reps = m["repetitions"]
@@ -711,11 +702,6 @@ def print_report(args: argparse.Namespace, meta: dict[str, Any], res: dict[str, 
 
 
 # ---------------------------------------------------------------- main
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options; exits 2 with a one-line message on bad arguments."""
     p = _Parser(prog="swapper.py", description=__doc__.split("\n\n")[0],

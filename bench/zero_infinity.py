@@ -77,7 +77,8 @@ if str(REPO) not in sys.path:
 
 from memascend.shapes import llama_parameter_shapes, parameter_count  # noqa: E402
 from memascend.sysinfo import fmt_bytes, phys_bytes  # noqa: E402
-from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
+from bench._common import (OneLineParser as _Parser, check_json_path, cpu_model,  # noqa: E402
+                           log, write_json)
 from bench._zi_report import print_report, summarize  # noqa: E402
 from bench._zi_run import mem_available, run_child  # noqa: E402
 
@@ -114,11 +115,6 @@ def no_nan(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [no_nan(v) for v in x]
     return x
-
-
-def log(msg: str) -> None:
-    """Progress on stderr."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 def largest_numel(model: dict[str, Any]) -> int:
@@ -181,11 +177,6 @@ def machine_info(swap_parent: str) -> dict[str, Any]:
             "torch": torch.__version__, "deepspeed": ds, "transformers": tf,
             "uid": os.getuid(), "swap_dir": swap_parent,
             "disk_free_bytes": shutil.disk_usage(swap_parent).free}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _positive(p: argparse.ArgumentParser, name: str, v: int, low: int = 1) -> None:
