@@ -6,7 +6,8 @@ tier and rank. They all share one :class:`Runtime`: one :class:`~memascend.engin
 leases from locked arenas) and one :class:`~memascend.store.SwapStore` per swap folder (one
 swap area per tier instead of one file per tensor). :class:`Options` is what a user may set,
 by ``enable(**options)`` or by a ``"memascend": {...}`` block in the DeepSpeed config; an
-unknown key is an error. DeepSpeed's own settings are honoured as follows:
+unknown key is an error (it lives in :mod:`memascend.dropin_options`, which the sizing rules
+read too, and is re-exported here). DeepSpeed's own settings are honoured as follows:
 
 - ``aio.queue_depth`` → the engine's queue depth; ``aio.block_size`` → the engine's request
   size (``chunk_bytes``, rounded up to 4096);
@@ -21,123 +22,14 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from ...config import parse_size
+from ...dropin_options import Options
 from ...engine import SwapEngine
-from ...errors import ConfigError
 from ...files import private_dirs
-from ...heap import DEFAULT_MMAP_THRESHOLD, check_threshold, set_mmap_threshold
 from ...extents import round_up
 from ...pool import Lease, PinnedPool
 from ...store import SwapStore
-
-
-@dataclass(frozen=True)
-class Options:
-    """memascend settings for the DeepSpeed drop-in.
-
-    Parameters
-    ----------
-    enabled:
-        Use the memascend swappers (default True). ``False`` in the config block keeps
-        DeepSpeed's stock swappers although :func:`enable` was called.
-    backend:
-        Engine backend: ``"auto"`` (io_uring, else threads), ``"uring"``, ``"threads"``,
-        ``"pyuring"``.
-    lock:
-        Pool lock mode, overriding the one derived from ``pin_memory``.
-    param_budget:
-        Pinned bytes of the parameter tier (default: ``buffer_count`` × the largest swapped
-        parameter partition, 4 KiB-rounded).
-    checksum:
-        ``"crc32c"`` (default; every read verified) or ``"none"``.
-    stream_optimizer:
-        Step swapped optimizer sub-groups in pieces (default True; see :mod:`.stream`):
-        no ``buffer_count`` x sub-group buffers, Adam state never materialised whole.
-        Applies to DeepSpeedCPUAdam with fp32 state; other optimizers keep DeepSpeed's
-        whole-sub-group swapping.
-    stream_grads:
-        With ``stream_optimizer``: keep the gradient partitions of streamed sub-groups as
-        pieces in the swap area instead of stage 3's flat buffer, the whole model in the
-        gradient dtype (default True; see :mod:`.grads`).
-    optimizer_chunk:
-        Bytes of one piece of one fp32 tensor when streaming (default 16 MiB; a multiple
-        of 4 KiB).
-    optimizer_budget:
-        Pinned bytes of the streamed optimizer tier (default 16 x ``optimizer_chunk``:
-        master, m, v and gradient of the current piece and two read ahead, plus the
-        write-behind; in backward, the staging of gradient piece writes).
-    heap_mmap_threshold:
-        Bytes from which glibc maps each heap allocation on its own, so a freed tensor's
-        memory goes back to the system instead of staying in the heap (default 1 MiB; 0
-        leaves the C heap alone). Process-wide and irreversible; see :mod:`memascend.heap`.
-    """
-
-    enabled: bool = True
-    backend: str = "auto"
-    lock: Optional[str] = None
-    param_budget: Optional[Any] = None
-    checksum: str = "crc32c"
-    stream_optimizer: bool = True
-    stream_grads: bool = True
-    optimizer_chunk: Any = 16 << 20
-    optimizer_budget: Optional[Any] = None
-    heap_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
-
-    def __post_init__(self) -> None:
-        check_threshold("memascend.heap_mmap_threshold", self.heap_mmap_threshold)
-        if not isinstance(self.enabled, bool):
-            raise ConfigError("memascend.enabled", f"must be true or false, got {self.enabled!r}")
-        if self.lock not in (None, "auto", "required", "off"):
-            raise ConfigError("memascend.lock", f"must be auto, required or off, got {self.lock!r}")
-        if self.checksum not in ("crc32c", "none"):
-            raise ConfigError("memascend.checksum", f"must be crc32c or none, got "
-                                                    f"{self.checksum!r}")
-        if not isinstance(self.stream_optimizer, bool):
-            raise ConfigError("memascend.stream_optimizer",
-                              f"must be true or false, got {self.stream_optimizer!r}")
-        if not isinstance(self.stream_grads, bool):
-            raise ConfigError("memascend.stream_grads",
-                              f"must be true or false, got {self.stream_grads!r}")
-        chunk = parse_size("memascend.optimizer_chunk", self.optimizer_chunk)
-        if chunk < 4096 or chunk % 4096:
-            raise ConfigError("memascend.optimizer_chunk",
-                              f"must be a positive multiple of 4096 bytes, got {chunk}")
-        object.__setattr__(self, "optimizer_chunk", chunk)
-        if self.optimizer_budget is not None:
-            budget = parse_size("memascend.optimizer_budget", self.optimizer_budget)
-            if budget < 3 * chunk:
-                raise ConfigError("memascend.optimizer_budget",
-                                  f"{budget} bytes cannot hold one piece's master, m and v "
-                                  f"(3 x optimizer_chunk = {3 * chunk})")
-            object.__setattr__(self, "optimizer_budget", budget)
-        if self.param_budget is not None:
-            object.__setattr__(self, "param_budget",
-                               parse_size("memascend.param_budget", self.param_budget))
-
-    def apply_heap(self) -> None:
-        """Set the C heap's mmap threshold (``heap_mmap_threshold``) when memascend is
-        enabled; 0 changes nothing (a threshold set earlier in the process stays)."""
-        if self.enabled and self.heap_mmap_threshold:
-            set_mmap_threshold(self.heap_mmap_threshold)
-
-    @classmethod
-    def merged(cls, base: "Options", block: Any) -> "Options":
-        """``base`` overridden by a config block (a dict); unknown keys are a ConfigError."""
-        if block is None:
-            return base
-        if not isinstance(block, dict):
-            raise ConfigError("memascend", f"must be an object, got {type(block).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ConfigError(f"memascend.{unknown[0]}",
-                              f"unknown key (known: {', '.join(sorted(known))})")
-        values = {f.name: getattr(base, f.name) for f in fields(cls)}
-        values.update(block)
-        return cls(**values)
 
 
 def aio_engine_settings(aio_config: Any) -> dict[str, int]:
