@@ -50,7 +50,8 @@ class Options:
     optimizer_budget:
         Pinned bytes of the streamed optimizer tier (default 16 x ``optimizer_chunk``:
         master, m, v and gradient of the current piece and two read ahead, plus the
-        write-behind; in backward, the staging of gradient piece writes).
+        write-behind; in backward, the staging of gradient piece writes; or half the
+        streamed state when that is less, but at least one piece's master, m and v).
     heap_mmap_threshold:
         Bytes from which glibc maps each heap allocation on its own, so a freed tensor's
         memory goes back to the system instead of staying in the heap (default 1 MiB; 0
