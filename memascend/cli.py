@@ -303,7 +303,7 @@ def cmd_profile_estimate(args: argparse.Namespace) -> int:
     ests = [estimate_deepspeed(w, ds, flavor="stock", mmap_threshold=mmap),
             estimate_deepspeed(w, ds, flavor="memascend", mmap_threshold=mmap),
             estimate_offload(w, compute_dtype=args.dtype or ds.model_dtype, budget=budget,
-                             optimizer_budget=obudget)]
+                             optimizer_budget=obudget, exact_undo=not args.no_undo)]
     report = EstimateReport(model, n_params, w, tuple(ests),
                             tuple(machine_warnings(ests, phys_bytes(), lockable_bytes())))
     if args.json:
@@ -494,6 +494,9 @@ def _add_profile(sub: Any) -> None:
                      help="stock DeepSpeed: glibc's mmap threshold of the run, e.g. 128KiB "
                           "(default: $MALLOC_MMAP_THRESHOLD_, else glibc's dynamic one, up "
                           "to 32 MiB)")
+    est.add_argument("--no-undo", action="store_true",
+                     help="offload_model with exact_undo=False and the window declared: its "
+                          "updates committed as they are made (SSD ~1.1x the state, not ~2x)")
     est.add_argument("--drive-tbw", type=_positive_float, default=None, metavar="TB",
                      help="the swap drive's rated endurance in terabytes written: also report "
                           "the steps until all ranks' writes reach it")

@@ -384,3 +384,18 @@ def test_endurance_rows_and_json():
     assert "endurance" not in json.loads(cli("--model", "llama2-7b", "--json").stdout)
     bad = cli("--model", "llama2-7b", "--drive-tbw", "0")
     assert bad.returncode == 2
+
+
+def test_offload_without_undo_needs_the_state_once_on_ssd():
+    """offload_model keeps a step's old versions aside (~2x the state at its peak); with
+    exact_undo=False (window declared) it holds the state once, without stored gradients."""
+    w = Workload(load_model_config("llama2-7b"))
+    undo = estimate_offload(w, compute_dtype="bfloat16")
+    plain = estimate_offload(w, compute_dtype="bfloat16", exact_undo=False)
+    assert undo.ssd.capacity_peak > 1.8 * undo.ssd.capacity
+    assert plain.ssd.capacity < undo.ssd.capacity  # no gradients stored
+    assert plain.ssd.capacity < plain.ssd.capacity_peak < 1.1 * plain.ssd.capacity
+    assert "exact_undo=False" in plain.title
+    out = cli("--model", "llama2-7b", "--no-undo", "--json")
+    doc = json.loads(out.stdout)
+    assert doc["estimates"]["memascend"]["ssd"]["capacity_peak"] == plain.ssd.capacity_peak

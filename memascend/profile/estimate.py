@@ -252,7 +252,7 @@ def _activations(w: Workload, elem_bytes: int, largest: int,
 
 def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
                      budget: Optional[int] = None, optimizer_budget: Optional[int] = None,
-                     meta_init: bool = True) -> Estimate:
+                     meta_init: bool = True, exact_undo: bool = True) -> Estimate:
     """Footprint of memascend's plain-PyTorch path (``offload_model``) for one process.
 
     Persistent: the runtime, the training runtime and the two tiers' pinned arenas
@@ -274,6 +274,10 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
         The pinned budgets (defaults as ``offload_model``: 1 GiB, and the same).
     meta_init:
         The model is built under :func:`memascend.meta_parameters`.
+    exact_undo:
+        ``offload_model``'s option: with False (and the window declared) each update is
+        committed as it is made: no old versions aside on SSD, no stored gradients at one
+        micro-batch per step.
 
     Raises
     ------
@@ -288,7 +292,7 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
         if val <= 0:
             raise ConfigError(key, f"must be positive, got {val}")
     pp, po = sz.offload_pinned_bytes(numels, ce, b, ob)
-    keep_grads = sz.offload_stores_grads(w.micro_batches)
+    keep_grads = sz.offload_stores_grads(w.micro_batches, accumulation_declared=not exact_undo)
     tp, to = sz.offload_tier_bytes(numels, ce, grads=keep_grads)
     notes = []
     if sz.round_up(largest * ce) > b:
@@ -332,9 +336,10 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
     if w.gpus > 1:
         notes.append("offload_model trains in one process; --gpus > 1 is modelled as one rank")
     ssd = sz.offload_ssd_traffic(numels, ce, b, ob, micro_batches=w.micro_batches,
-                                 grads=keep_grads)
+                                 grads=keep_grads, exact_undo=exact_undo)
     return Estimate("memascend", f"memascend offload_model ({compute_dtype}, budgets "
-                                 f"{b / sz.MiB:.0f} + {ob / sz.MiB:.0f} MiB)",
+                                 f"{b / sz.MiB:.0f} + {ob / sz.MiB:.0f} MiB"
+                                 f"{'' if exact_undo else ', exact_undo=False'})",
                     tuple(comps), 1, ssd, tuple(notes))
 
 

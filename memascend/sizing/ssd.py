@@ -140,7 +140,7 @@ def ds_ssd_traffic(param_partition_numels: Sequence[int], sub_groups: Sequence[S
 
 
 def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optional[int] = None,
-                        optimizer_budget: Optional[int] = None, *,
+                        optimizer_budget: Optional[int] = None, *, exact_undo: bool = True,
                         micro_batches: int = 1, grads: Optional[bool] = None) -> SsdTraffic:
     """SSD capacity and steady-state traffic per step of ``offload_model`` (the step fused
     into backward, :mod:`memascend.fused`).
@@ -150,7 +150,8 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     that the step has updated (an update is a speculation until ``step()`` commits it, kept
     aside for an exact undo: :mod:`memascend.fused`), so about twice the state without the
     gradients, plus the overwrites in flight and what the areas grew ahead
-    (:func:`store_slack_bytes` of the two budgets). Per step:
+    (:func:`store_slack_bytes` of the two budgets); ``exact_undo=False`` keeps nothing
+    aside. Per step:
     every parameter is read in forward and again in backward unless the parameter tier holds
     the whole model (an upper bound: what is still cached when backward starts is not read
     again), per micro-batch; the update reads ``m`` and ``v`` (and the fp32 master when the
@@ -167,7 +168,9 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     param_reads = p if p <= b else 2 * p
     read = param_reads * micro_batches + state + g * (micro_batches - 1)
     written = p + state + g * (micro_batches - (0 if keep else 1))
-    aside = p + state  # old versions of what the window updated, until step() commits
+    # old versions of what the window updated, until step() commits (exact_undo=False:
+    # each update replaces them as it is made)
+    aside = p + state if exact_undo else 0
     return SsdTraffic(capacity=p + o,
                       capacity_peak=p + o + aside + store_slack_bytes(p + o + aside, b + ob),
                       read_per_step=read, written_per_step=written)
