@@ -26,6 +26,10 @@ Safety rules:
 - I/O is O_DIRECT: buffers, offsets and lengths aligned to 4096. Pool leases are used as they
   are; other memory (any tensor, bytes) is bounced through aligned leases in chunks.
 - One process at a time: the metadata folder is locked (flock).
+
+Two parts live in modules of their own: how the area's space is placed, grown and reused
+(:mod:`memascend.store_space`), and the checkpoint exchange, export and import
+(:mod:`memascend.store_exchange`).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import os
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from . import _native
 from .config import resolve
@@ -49,13 +53,10 @@ from .handle import SwapHandle
 from .manifest import Entry, Manifest
 from .pool import Lease, PinnedPool
 from .store_config import StoreConfig, StoreStats
+from .store_exchange import Exchange, place_entries, read_export
+from .store_space import AreaSpace
 
 __all__ = ["SwapStore", "StoreConfig", "StoreStats", "crc32c", "read_export", "place_entries"]
-
-GROW_RESERVE_SHARE = 0.05  # speculative growth leaves this share of the filesystem free ...
-GROW_RESERVE_MAX = 1 << 30  # ... or this much, whichever is less
-GROW_AHEAD_DIV = 16  # growing ahead adds at most 1/16 of the area (the area stays within
-GROW_AHEAD_MIN = 1 << 20  # ~1.06x of what it needs), but at least 1 MiB
 
 def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
     """CRC32C of ``nbytes`` at ``address`` (native, GIL released)."""
@@ -63,25 +64,6 @@ def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
     c = ffi.new("uint32_t *", crc)
     lib.ma_crc32c(c, ffi.cast("void *", address), nbytes)
     return int(c[0])
-
-
-def _copy_range(src: int, dst: int, offset: int, nbytes: int,
-                dst_offset: Optional[int] = None) -> None:
-    """Copy ``nbytes`` at ``offset`` from one descriptor to the other, at ``dst_offset``
-    (default: the same offset)."""
-    to = offset if dst_offset is None else dst_offset
-    done = 0
-    while done < nbytes:
-        try:
-            n = os.copy_file_range(src, dst, nbytes - done, offset + done, to + done)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            data = os.pread(src, min(nbytes - done, 8 << 20), offset + done)
-            n = os.pwrite(dst, data, to + done) if data else 0
-        if n == 0:
-            raise OSError(errno.EIO, f"short copy at offset {offset + done}")
-        done += n
 
 
 def _memory_of(obj: Any, writable: bool) -> tuple[int, int, Optional[int], Any, Any, Any]:
@@ -123,68 +105,7 @@ def _keyed(err: MetadataError, key: str) -> MetadataError:
     return out
 
 
-def place_entries(alloc: ExtentAllocator, entries: Iterable[Entry], area: str,
-                  meta: str) -> dict[str, Entry]:
-    """Reserve every entry's extent in ``alloc``; the table of them by key.
-
-    Raises
-    ------
-    MetadataError
-        An entry lies past the end of the area (the area file was truncated or replaced while
-        its metadata folder was kept) or overlaps another: opening would lose keys.
-    """
-    table: dict[str, Entry] = {}
-    for e in sorted(entries, key=lambda e: e.offset):
-        if e.offset + round_up(e.nbytes) > alloc.size:
-            raise MetadataError(
-                f"key {e.key!r} lies at offset {e.offset} ({e.nbytes} bytes), past the end of "
-                f"the swap area {area} ({alloc.size} bytes): the area was truncated or replaced "
-                f"while its metadata ({meta}) was kept; restore both together, or remove both "
-                "to start empty", path=area, offset=e.offset, nbytes=e.nbytes, key=e.key)
-        try:
-            alloc.reserve(e.offset, e.nbytes)
-        except ValueError:
-            raise MetadataError(
-                f"key {e.key!r} at offset {e.offset} ({e.nbytes} bytes) overlaps another key "
-                f"in the metadata of {area} ({meta}): the metadata is damaged", path=area,
-                offset=e.offset, nbytes=e.nbytes, key=e.key) from None
-        table[e.key] = e
-    return table
-
-
-def read_export(src_path: str) -> tuple[dict[str, Entry], int]:
-    """The entries and last sequence number of the store exported to ``src_path``, checked
-    (every entry inside the file, none overlapping) without opening it as a store.
-
-    Raises
-    ------
-    MetadataError
-        ``src_path`` has no metadata folder, or its metadata is damaged.
-    SwapIOError
-        The files cannot be read.
-    """
-    src_path = os.path.abspath(src_path)
-    meta = src_path + ".meta"
-    if not os.path.isdir(meta):
-        raise MetadataError(f"cannot import {src_path}: it has no metadata folder {meta} (not "
-                            "an exported store)", path=src_path, code=errno.ENOENT)
-    try:
-        manifest = Manifest(meta)
-        try:
-            entries, _header, seq = manifest.load()
-        finally:
-            manifest.close()
-        size = os.stat(src_path).st_size // ALIGN * ALIGN
-    except MetadataError:
-        raise
-    except OSError as exc:
-        raise SwapIOError(exc.errno or errno.EIO, f"cannot read the exported store: {exc}",
-                          path=src_path) from exc
-    place_entries(ExtentAllocator(size), entries.values(), src_path, meta)
-    return entries, seq
-
-
-class SwapStore:
+class SwapStore(AreaSpace, Exchange):
     """Tensors by key in one swap area (see the module docstring).
 
     Parameters
@@ -341,157 +262,6 @@ class SwapStore:
                                 f"{broken.strerror}", path=broken.path or "",
                                 offset=broken.offset, key=key,
                                 code=broken.errno or errno.EIO) from broken
-
-    def _allocate(self, key: str, nbytes: int) -> int:
-        """An extent for ``nbytes`` (store lock held): reuse free space; reclaim quarantined
-        extents (fsync) once they exceed ``sync_slack`` of the stored bytes, or when the
-        filesystem has no space to spare; else grow; and when growing fails, reclaim
-        whatever is quarantined before giving up."""
-        off = self._alloc.alloc(nbytes)
-        if off is None and self._quarantine:
-            held = sum(n for _, n in self._quarantine)
-            stored = self._alloc.used_bytes - held
-            if held >= max(self.config.grow_bytes, self.config.sync_slack * stored) or \
-                    (not self._is_block and self._fs_spare() < round_up(nbytes)):
-                # reclaiming is cheaper than taking space the filesystem cannot spare
-                self._sync_locked()
-                off = self._alloc.alloc(nbytes)
-        if off is not None:
-            return off
-        try:
-            return self._grow_and_allocate(key, nbytes)
-        except SwapIOError:
-            if not self._quarantine:
-                raise
-            self._sync_locked()  # a full disk or capacity: reclaim before failing
-            off = self._alloc.alloc(nbytes)
-            if off is None:
-                return self._grow_and_allocate(key, nbytes)
-            return off
-
-    def _grow_and_allocate(self, key: str, nbytes: int) -> int:
-        need = round_up(nbytes)
-        limit = self.config.capacity
-        if self._is_block:
-            raise self._err(errno.ENOSPC, f"no room for {nbytes} bytes on block device "
-                            f"({self._alloc.free_bytes} bytes free, fragmented or full)", key,
-                            nbytes=nbytes)
-        old = self._alloc.size
-        tail_free = 0
-        free = self._alloc.free_extents()
-        if free and free[-1][0] + free[-1][1] == old:
-            tail_free = free[-1][1]
-        must = need - tail_free  # growth this tensor cannot do without
-        new = old + must + self._speculative(must)
-        if limit is not None:
-            new = min(new, limit)
-            if new - old + tail_free < need:
-                hint = (f"; overwriting {key!r} needs room for the old and new version at "
-                        "once (crash safety)" if key in self._table else "")
-                raise self._err(errno.ENOSPC, f"store capacity {limit} bytes exhausted: "
-                                f"{self._alloc.used_bytes} used, cannot place {nbytes} bytes"
-                                + hint, key, nbytes=nbytes)
-        minimal = old + must
-        while True:
-            try:
-                os.posix_fallocate(self._fd, old, new - old)
-                break
-            except OSError as exc:
-                # The filesystem may have grown the file partly: keep only whole, known space.
-                try:
-                    os.ftruncate(self._fd, old)
-                except OSError:
-                    pass
-                if exc.errno == errno.ENOSPC and new > minimal:
-                    new = minimal  # the free space shrank meanwhile: just what is needed
-                    continue
-                raise self._err(exc.errno or errno.EIO, f"cannot grow the swap area from "
-                                f"{old} to {new} bytes (+{new - old}) to place {nbytes} bytes: "
-                                f"{exc.strerror}", key, nbytes=nbytes) from exc
-        self._alloc.grow(new)
-        off = self._alloc.alloc(nbytes)
-        if off is None:  # cannot happen after growing by at least `need`
-            raise self._err(errno.ENOSPC, "allocation failed after growth", key, nbytes=nbytes)
-        return off
-
-    def _speculative(self, must: int) -> int:
-        """Bytes to grow beyond ``must`` (up to ``grow_bytes`` in all): at most 1/16 of the
-        area (at least 1 MiB), so that the area stays close to what it holds, and at most
-        half of the free space left after ``must`` and a reserve (5 % of the filesystem, at
-        most 1 GiB), so that growing ahead never fills the disk for other files, the other
-        tiers' journals or other processes."""
-        extra = min(self.config.grow_bytes - must,
-                    max(self._alloc.size // GROW_AHEAD_DIV // ALIGN * ALIGN, GROW_AHEAD_MIN))
-        if extra <= 0:
-            return 0
-        spare = (self._fs_spare() - must) // 2
-        return max(0, min(extra, spare // ALIGN * ALIGN))
-
-    def _fs_spare(self) -> int:
-        """Free bytes of the area's filesystem beyond the growth reserve (may be negative;
-        0 when it cannot be told)."""
-        try:
-            st = os.fstatvfs(self._fd)
-        except OSError:
-            return 0
-        reserve = min(GROW_RESERVE_MAX, st.f_blocks * st.f_frsize * GROW_RESERVE_SHARE)
-        return int(st.f_bavail * st.f_frsize - reserve)
-
-    def _release_extent(self, offset: int, nbytes: int) -> None:
-        """An extent no key points to (lock held): retired once no read of it is in flight
-        (:meth:`_retire`)."""
-        if self._readers.get(offset):
-            self._deferred.append((offset, nbytes))
-        else:
-            self._retire(offset, nbytes)
-
-    def _retire(self, offset: int, nbytes: int) -> None:
-        """Free an extent no key points to and no read uses (lock held). Durable: quarantined
-        until the next sync, since until then a power loss may bring back the journal record
-        that pointed to it. Not durable: free now. The record that replaced it was appended
-        before the write was acknowledged, and a killed process loses no completed append (it
-        is in the page cache), so a reopen after a kill never points here."""
-        if self.config.durable:
-            self._quarantine.append((offset, nbytes))
-        else:
-            self._alloc.free(offset, nbytes)
-
-    def _pin(self, offset: int) -> None:
-        """Keep the extent at ``offset`` from being reused while it is read (lock held)."""
-        self._readers[offset] = self._readers.get(offset, 0) + 1
-
-    def _unpin(self, offset: int) -> None:
-        """The end of a read of ``offset`` (lock held): an extent released meanwhile is
-        retired once its last reader is done."""
-        n = self._readers.get(offset, 1) - 1
-        if n:
-            self._readers[offset] = n
-            return
-        self._readers.pop(offset, None)
-        keep = []
-        for off, nb in self._deferred:
-            if off == offset:
-                self._retire(off, nb)
-            else:
-                keep.append((off, nb))
-        self._deferred = keep
-
-    def _sync_locked(self) -> None:
-        if self.config.durable:
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                raise self._err(exc.errno or errno.EIO, f"fsync of the swap area failed: "
-                                f"{exc.strerror}", None) from exc
-            try:
-                self._manifest.sync()
-            except OSError as exc:
-                raise SwapIOError(exc.errno or errno.EIO, f"fsync of the journal failed: "
-                                  f"{exc.strerror}", path=self._manifest.journal_path) from exc
-        for off, n in self._quarantine:
-            self._alloc.free(off, n)
-        self._quarantine.clear()
-        self._counts["syncs"] += 1
 
     def _begin(self) -> None:
         with self._mu:
@@ -871,118 +641,6 @@ class SwapStore:
         self._check_open()
         with self._mu:
             self._sync_locked()
-
-    def export(self, dst_path: str,
-               include: Optional[Callable[[str], bool]] = None) -> None:
-        """Write a consistent copy of the store to a new file store at ``dst_path``
-        (``include``: which keys; default all).
-
-        Waits for in-flight I/O, then copies every stored extent (kernel ``copy_file_range``)
-        packed one after the other in key order, so the copy is as large as the data it holds
-        (4 KiB-rounded), with no holes for a later plain copy to fill, and writes a manifest
-        snapshot to ``dst_path + ".meta"``. Open the copy with ``SwapStore(dst_path)``.
-
-        Raises
-        ------
-        SwapIOError
-            Copying failed (e.g. ENOSPC at the destination); the source is unchanged.
-        """
-        self._check_open()
-        self.wait_idle()
-        with self._mu:
-            self._sync_locked()
-            entries = [e for e in self._table.values() if include is None or include(e.key)]
-            seq = self._seq
-            for e in entries:  # an overwrite meanwhile must not reuse what is being copied
-                self._pin(e.offset)
-        dst_path = os.path.abspath(dst_path)
-        try:
-            src = os.open(self.path, os.O_RDONLY)
-            try:
-                dst = private_open(dst_path, os.O_WRONLY | os.O_TRUNC)
-                try:
-                    packed, at = [], 0
-                    for e in sorted(entries, key=lambda x: x.offset):
-                        _copy_range(src, dst, e.offset, round_up(e.nbytes), at)
-                        packed.append(dataclasses.replace(e, offset=at))
-                        at += round_up(e.nbytes)
-                    os.ftruncate(dst, at)
-                    os.fsync(dst)
-                finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-            m = Manifest(dst_path + ".meta")
-            m.compact(packed, {"area_bytes": at}, seq)
-            m.close()
-        except OSError as exc:
-            raise self._err(exc.errno or errno.EIO, f"export to {dst_path} failed: {exc}",
-                            None) from exc
-        finally:
-            with self._mu:
-                for e in entries:
-                    self._unpin(e.offset)
-
-    def import_from(self, src_path: str) -> None:
-        """Replace this store's contents with those of the store at ``src_path``.
-
-        Waits for in-flight I/O; copies the source's extents into this area at their offsets
-        (growing it if needed) and switches the table. Meant for restoring checkpoints: after
-        a crash in the middle, import again.
-
-        Raises
-        ------
-        MetadataError
-            The source is not an exported store, or its metadata is damaged (this store is
-            unchanged).
-        SwapIOError
-            The source cannot be read, or this area cannot hold it.
-        """
-        self._check_open()
-        self.wait_idle()
-        src_path = os.path.abspath(src_path)
-        entries, src_seq = read_export(src_path)  # damage is found before this area changes
-        need = max((e.offset + round_up(e.nbytes) for e in entries.values()), default=0)
-        with self._mu:
-            if need > self._alloc.size:
-                if self._is_block or (self.config.capacity and need > self.config.capacity):
-                    raise self._err(errno.ENOSPC, f"{src_path} needs {need} bytes, this area "
-                                    f"holds {self._alloc.size}", None, nbytes=need)
-                try:
-                    os.posix_fallocate(self._fd, self._alloc.size, need - self._alloc.size)
-                except OSError as exc:
-                    raise self._err(exc.errno or errno.EIO, f"cannot grow to {need} bytes for "
-                                    f"import: {exc.strerror}", None, nbytes=need) from exc
-            size = max(need, self._alloc.size)
-            try:
-                # A crash while the extents are copied must not leave a store that opens with
-                # keys whose bytes are half replaced: it opens with an error until re-imported.
-                self._manifest.compact([], {"area_bytes": self._alloc.size,
-                                            "importing": src_path}, self._seq)
-                src = os.open(src_path, os.O_RDONLY)
-                dst = os.open(self.path, os.O_WRONLY)
-                try:
-                    for e in entries.values():
-                        _copy_range(src, dst, e.offset, round_up(e.nbytes))
-                    os.fsync(dst)
-                finally:
-                    os.close(src)
-                    os.close(dst)
-            except OSError as exc:
-                # The old contents may be half overwritten: this store now holds nothing.
-                self._replace_table({}, size)
-                raise self._err(exc.errno or errno.EIO, f"import from {src_path} failed: {exc}"
-                                "; the store is empty until an import succeeds", None) from exc
-            self._seq = max(self._seq, src_seq) + 1
-            self._replace_table({k: dataclasses.replace(e, seq=self._seq)
-                                 for k, e in entries.items()}, size)
-            try:
-                self._manifest.compact(list(self._table.values()), {"area_bytes": size},
-                                       self._seq)
-            except OSError as exc:
-                raise SwapIOError(exc.errno or errno.EIO, f"import from {src_path}: cannot "
-                                  f"write the manifest snapshot ({exc.strerror or exc}); "
-                                  "import again", path=self._manifest.snapshot_path) from exc
 
     def _replace_table(self, entries: dict[str, Entry], size: int) -> None:
         """Hold exactly ``entries`` in an area of ``size`` bytes (lock held, no I/O pending)."""

@@ -331,7 +331,7 @@ def test_real_full_filesystem_journal_loses_nothing(small_ext4):
 
 
 def test_an_interrupted_import_opens_with_an_error_not_half_replaced(tmp_path, monkeypatch):
-    from memascend import store as store_mod
+    from memascend import store_exchange as store_mod
 
     path, copy = str(tmp_path / "swap"), str(tmp_path / "copy")
     with SwapStore(path) as store:

@@ -62,7 +62,7 @@ def store_slack_bytes(stored: int, staging: int) -> int:
     """Space memascend's non-durable swap areas may take beyond the ``stored`` bytes: the new
     versions of overwrites in flight (an overwritten extent is reused once its replacement
     is recorded, and what is in flight is at most the ``staging`` pinned bytes that hold it)
-    and growing ahead (at most 1/16 of an area, :data:`memascend.store.GROW_AHEAD_DIV`).
+    and growing ahead (at most 1/16 of an area, :data:`memascend.store_space.GROW_AHEAD_DIV`).
     The overwrites in flight are no more than what is stored, too: a small model's areas may
     come to about twice its state, a large one's stay within ~1.1x."""
     flight = min(int(staging), int(stored))
