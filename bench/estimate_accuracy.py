@@ -6,7 +6,7 @@ and ``llama-134m``, 134 M; ``--quick``: the 34 M one only, two steps), the peak 
 real training run reaches, for
 
 * **memascend** (the plain-PyTorch path, ``offload_model``): fp32, parameter budget 4 x the
-  largest tensor, optimizer budget 8 x; glibc's mmap threshold fixed at 128 KiB as the README
+  largest tensor, optimizer budget 8 x; glibc's mmap threshold fixed at 128 KiB as docs/offload.md
   recommends (the estimate's stated assumption) — and, as a separate row on the first model
   that is not part of the summary, with glibc's default malloc (``memascend-default-malloc``);
 * **stock DeepSpeed** 0.19.8 ZeRO-3 with parameters and optimizer state on NVMe, bf16, once with

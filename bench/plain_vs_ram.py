@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from memascend.offload import OffloadedModel
 
     if "accumulation_steps" in inspect.signature(OffloadedModel.__init__).parameters:
-        args.offload_options.setdefault("accumulation_steps", 1)  # declared: see the README
+        args.offload_options.setdefault("accumulation_steps", 1)  # declared: see docs/offload.md
     base = args.swap_dir or str(REPO / "bench" / "out")
     os.makedirs(base, exist_ok=True)
     results = []
