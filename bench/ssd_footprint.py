@@ -5,13 +5,13 @@ What it measures, for the two ways memascend offloads:
 * the DeepSpeed drop-in against stock DeepSpeed on the same ZeRO-3 NVMe configuration (the
   ``tuned`` buffer setting of bench/zero_infinity.py: every parameter on NVMe, sub-groups of
   1e8; DeepSpeedCPUAdam; fp32), in pairs, the one going first alternating. Each run is a fresh
-  process (bench/_zi_child.py via bench/_zi_run.py); ``--setting default`` takes DeepSpeed's
-  default buffers instead (parameters then stay in stage 3's CPU copy). After each timed step the child adds up
-  its swap folder: ``st_blocks`` of every file (what the filesystem holds for it, journals
-  and manifests included) and the state stored in it (stock: its tensor files' sizes;
-  memascend: the bytes of the keys its stores hold). Bytes written per step: the child's
-  ``write_bytes`` delta of ``/proc/self/io`` over the timed steps (block-layer bytes; O_DIRECT
-  libaio and io_uring alike).
+  process (bench/_zi_child.py via bench/_zi_run.py); ``--setting default`` takes
+  DeepSpeed's default buffers instead (parameters then stay in stage 3's CPU copy). After
+  each timed step the child adds up its swap folder: ``st_blocks`` of every file (what the
+  filesystem holds for it, journals and manifests included) and the state stored in it
+  (stock: its tensor files' sizes; memascend: the bytes of the keys its stores hold). Bytes
+  written per step: the child's ``write_bytes`` delta of ``/proc/self/io`` over the timed
+  steps (block-layer bytes; O_DIRECT libaio and io_uring alike).
 * ``offload_model`` (bench/_plain_child.py, as in bench/plain_vs_ram.py: the same LLaMA,
   batch 1, fp32, AdamW) alone, twice: with its defaults (exact undo: a step's old versions
   kept aside until ``step()``) and with ``exact_undo=False, accumulation_steps=1`` (each
@@ -19,15 +19,15 @@ What it measures, for the two ways memascend offloads:
   step, and the bytes they wrote (store counters). The two must give the same losses.
 
 ``swap_area_ratio`` of a run is the largest allocated / stored over its timed steps (1.0: no
-space beyond the state). The JSON ``summary``: ``swap_area_ratio`` (max over memascend's runs,
-drop-in and both plain ones), each run's own ratio, ``dropin_write_ratio`` (median over pairs of the drop-in's bytes written
-per step over stock's), stock's own area ratio for reference, and whether each pair's losses
-were equal. Without DeepSpeed's prebuilt ``async_io``/``cpu_adam`` ops (``make ds-ops``) the
-drop-in part is skipped and says why.
+space beyond the state). The JSON ``summary``: ``swap_area_ratio`` (max over memascend's
+runs, drop-in and both plain ones), each run's own ratio, ``dropin_write_ratio`` (median
+over pairs of the drop-in's bytes written per step over stock's), stock's own area ratio for
+reference, and whether each pair's losses were equal. Without DeepSpeed's prebuilt
+``async_io``/``cpu_adam`` ops (``make ds-ops``) the drop-in part is skipped and says why.
 
 Usage: ``bench/ssd_footprint.py [--json PATH] [--model tiny|134m|523m] [--setting
-default|tuned] [--pairs 2] [--steps 3]
-[--warmup 1] [--seq 64] [--dir /var/tmp] [--timeout 1800] [--no-plain] [--no-dropin]``.
+default|tuned] [--pairs 2] [--steps 3] [--warmup 1] [--seq 64] [--dir /var/tmp]
+[--timeout 1800] [--no-plain] [--no-dropin]``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ import argparse
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._common import check_json_path, log, write_json  # noqa: E402
+from bench._common import check_json_path, log, median, write_json  # noqa: E402
 from bench._zi_run import run_child as run_ds_child  # noqa: E402
 from bench.plain_vs_ram import parse_config, run_child as run_plain_child  # noqa: E402
 from bench.zero_infinity import DEFAULT_EXT_DIR, MODELS, missing, settings_for  # noqa: E402
@@ -129,8 +128,8 @@ def plain_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
     out = {"swap_area_ratio": area_ratio(timed, "swap_area", "swap_stored"),
            "swap_area_max": max(s["swap_area"] for s in timed),
            "swap_stored_max": max(s["swap_stored"] for s in timed),
-           "write_bytes_per_step": statistics.median(s["ssd_written"] for s in timed),
-           "read_bytes_per_step": statistics.median(s["ssd_read"] for s in timed),
+           "write_bytes_per_step": median(s["ssd_written"] for s in timed),
+           "read_bytes_per_step": median(s["ssd_read"] for s in timed),
            "options": options, "losses": [s["loss"] for s in rec["steps"]]}
     log(f"offload_model: wrote {fmt_bytes(out['write_bytes_per_step'])}/step, area "
         f"{out['swap_area_ratio']:.3f}x its state")
@@ -159,7 +158,7 @@ def summarize(pairs: list[dict], plain: Optional[dict],
             "plain_commit_swap_area_ratio": commit["swap_area_ratio"] if commit else None,
             "plain_losses_equal": plain["losses"] == commit["losses"]
             if plain and commit else None,
-            "dropin_write_ratio": statistics.median(w) if w else None,
+            "dropin_write_ratio": median(w, None),
             "losses_equal": all(p["stock"]["losses"] == p["memascend"]["losses"] for p in ok)
             if ok else None}
 

@@ -3,9 +3,9 @@
 Each component has one frozen dataclass of options with a documented default per field.
 ``from_env`` builds it from the defaults, the tuned file's settings for its section
 (:mod:`memascend.tune`, written by ``memascend tune``), ``MEMASCEND_<SECTION>_<FIELD>``
-environment variables, then applies explicit keyword arguments on top (explicit wins). Unknown keys are errors, both in
-keyword arguments and in ``MEMASCEND_<SECTION>_*`` variables, so a misspelt option never goes
-silently unused.
+environment variables, then applies explicit keyword arguments on top (explicit wins).
+Unknown keys are errors, both in keyword arguments and in ``MEMASCEND_<SECTION>_*``
+variables, so a misspelt option never goes silently unused.
 """
 from __future__ import annotations
 

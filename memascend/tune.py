@@ -166,9 +166,7 @@ def measure(swap_dir: str, size: int, *, backends: Optional[Sequence[str]] = Non
 def _measure_in(swap_dir: str, size: int, backends: Sequence[str], depths: Sequence[int],
                 chunks: Sequence[int], huge: Sequence[str], time_limit: float,
                 progress: Optional[Callable[[int, int, str], None]]) -> list[Trial]:
-    from .engine import SwapEngine
     from .files import private_open
-    from .pool import PinnedPool
 
     path = os.path.join(swap_dir, f".memascend-tune-{os.getpid()}.tmp")
     todo = combinations(backends, depths, chunks, huge)
@@ -191,8 +189,7 @@ def _measure_in(swap_dir: str, size: int, backends: Sequence[str], depths: Seque
         for i, (backend, depth, chunk, hp) in enumerate(todo):
             if trials and time.monotonic() > t_end:
                 break
-            trials.append(_trial(SwapEngine, PinnedPool, fd, path, size, backend, depth,
-                                 chunk, hp))
+            trials.append(_trial(fd, path, size, backend, depth, chunk, hp))
             if progress is not None:
                 t = trials[-1]
                 progress(i + 1, len(todo), f"{backend} qd {depth} {chunk >> 20} MiB "
@@ -203,13 +200,17 @@ def _measure_in(swap_dir: str, size: int, backends: Sequence[str], depths: Seque
     return trials
 
 
-def _trial(engine_cls: Any, pool_cls: Any, fd: int, path: str, size: int, backend: str,
-           depth: int, chunk: int, huge: str) -> Trial:
+def _trial(fd: int, path: str, size: int, backend: str, depth: int, chunk: int,
+           huge: str) -> Trial:
+    """Write then read the scratch file through one engine and pool of these settings."""
+    from .engine import SwapEngine
+    from .pool import PinnedPool
+
     opts: dict[str, Any] = {"chunk_bytes": chunk}
     if backend == "threads":
         opts["threads"] = min(depth, 256)
-    eng = engine_cls(backend=backend, queue_depth=depth, **opts)
-    pool = pool_cls(huge_pages=huge)
+    eng = SwapEngine(backend=backend, queue_depth=depth, **opts)
+    pool = PinnedPool(huge_pages=huge)
     buf = min(size, max(chunk * depth, 64 << 20))  # reused for successive offsets
     lease = pool.lease(buf)
     try:

@@ -52,12 +52,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.quick:
         grid = {"depths": (16, 64), "chunks": (1 << 20, 16 << 20), "huge": ("auto",)}
     bar = Progress(1, "tune", enabled=not args.json or sys.stderr.isatty())  # total: below
-    done_ = [0]
 
-    def progress(done: int, total_: int, status: str) -> None:
-        if bar.total != total_:
-            bar.total = total_
-        done_[0] = done
+    def progress(done: int, total: int, status: str) -> None:
+        bar.total = total
         bar.update(done, status)
 
     try:
@@ -70,7 +67,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"swap_dir": swap_dir, "size_bytes": size,
                           "trials": [t.to_dict() for t in trials], "best": b.to_dict(),
-                          "complete": done_[0] == bar.total, "saved_to": saved}, indent=2))
+                          "complete": len(trials) == bar.total, "saved_to": saved}, indent=2))
         return 0
     print(f"swap folder {swap_dir}, scratch file {fmt_bytes(size)}, O_DIRECT")
     print(f"{'backend':<9}{'depth':>6}{'request':>10}{'pages':>7}{'write MB/s':>12}"
@@ -79,8 +76,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"{t.backend:<9}{t.queue_depth:>6}{fmt_bytes(t.chunk_bytes):>10}"
               f"{'huge' if t.huge_pages == 'auto' else 'small':>7}{t.write_bps / 1e6:>12,.0f}"
               f"{t.read_bps / 1e6:>11,.0f}{t.score / 1e6:>9,.0f}")
-    if done_[0] < bar.total:
-        print(f"(time limit: {done_[0]} of {bar.total} combinations measured)")
+    if len(trials) < bar.total:
+        print(f"(time limit: {len(trials)} of {bar.total} combinations measured)")
     print(f"best: backend {b.backend}, queue depth {b.queue_depth}, requests of "
           f"{fmt_bytes(b.chunk_bytes)}, huge pages {b.huge_pages}")
     if saved:

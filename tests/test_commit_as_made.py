@@ -14,7 +14,8 @@ import torch
 from memascend.errors import MemAscendError
 from memascend.offload import AdamW, offload_model
 
-from test_fused_step import LR, Reference, assert_same_weights, batch, loss_of, net, run
+from test_fused_step import (LR, Reference, assert_same_weights, batch, loss_of, net, run,
+                             run_scaled)
 
 
 def areas(om) -> int:
@@ -71,14 +72,7 @@ def test_clipping_runs_two_phase_and_is_exact(tmp_path):
     model, ref = net(), Reference(max_norm=4.6)
     with offload_model(model, str(tmp_path), budget="64KiB", optimizer=AdamW(lr=LR),
                        accumulation_steps=1, max_grad_norm=4.6, exact_undo=False) as om:
-        for i, s in enumerate(scales):
-            x, y = batch(i, s)
-            want = ref.micro(x, y)
-            loss = loss_of(model, x, y)
-            om.backward(loss)
-            assert loss.item() == want
-            om.step()
-            ref.step()
+        run_scaled(om, model, ref, scales)
         c = om.stats().paths
         assert c["deferred_steps"] == len(scales) and c["fused_commits"] == 0
         assert c["rollbacks_clip"] == 0

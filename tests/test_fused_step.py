@@ -82,6 +82,21 @@ def run(om, model, ref, windows, scale=1.0):
         ref.step()
 
 
+def run_scaled(om, model, ref, scales):
+    """One single-micro-batch window per gradient scale on both; compare every loss and, with
+    clipping, every global gradient norm."""
+    for i, s in enumerate(scales):
+        x, y = batch(i, s)
+        want = ref.micro(x, y)
+        loss = loss_of(model, x, y)
+        om.backward(loss)
+        assert loss.item() == want
+        om.step()
+        ref.step()
+        if ref.max_norm is not None:
+            assert om.last_grad_norm == ref.norms[-1]
+
+
 def test_declared_window_fuses_every_step_and_maps_nothing_new(tmp_path):
     model, ref = net(), Reference()
     with offload_model(model, str(tmp_path), budget="64KiB", optimizer_budget="256KiB",
@@ -172,15 +187,7 @@ def test_clipping_is_exact_whether_it_triggers_or_not(tmp_path, declared):
     model, ref = net(), Reference(max_norm=4.6)
     with offload_model(model, str(tmp_path), budget="64KiB", optimizer=AdamW(lr=LR),
                        accumulation_steps=declared, max_grad_norm=4.6) as om:
-        for i, s in enumerate(scales):
-            x, y = batch(i, s)
-            want = ref.micro(x, y)
-            loss = loss_of(model, x, y)
-            om.backward(loss)
-            assert loss.item() == want
-            om.step()
-            ref.step()
-            assert om.last_grad_norm == ref.norms[-1]
+        run_scaled(om, model, ref, scales)
         clipped = sum(n > 4.6 for n in ref.norms)
         assert 0 < clipped < len(scales)
         c = om.stats().paths
