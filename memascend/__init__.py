@@ -27,6 +27,7 @@ __all__ = [
     "EngineConfig", "EngineStats", "IORequest", "SwapHandle", "gather", "SwapStore",
     "StoreConfig", "StoreStats", "TensorSwapper", "SwapperConfig", "SwapperStats",
     "offload_model", "OffloadedModel", "AdamW", "LossScaler", "meta_parameters",
+    "ActivationTier",
 ]
 
 _LAZY = {"offload_model", "OffloadedModel", "AdamW", "LossScaler", "meta_parameters"}
@@ -39,4 +40,8 @@ def __getattr__(name: str) -> Any:
         from . import offload
 
         return getattr(offload, name)
+    if name == "ActivationTier":
+        from .activations import ActivationTier
+
+        return ActivationTier
     raise AttributeError(f"module 'memascend' has no attribute {name!r}")

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from . import activations as act_tier
 from . import module_hooks, offload_checkpoint
 from .adam import AdamW
 from .config import parse_size
@@ -43,6 +43,7 @@ from .errors import ConfigError, MemAscendError
 from .files import private_dirs
 from .fused import FusedAdam
 from .heap import release_free, set_mmap_threshold
+from .offload_types import LossScaler, OffloadStats
 from .offload_setup import (PLAIN_MMAP_THRESHOLD, check_budgets, check_options, meta_parameters,
                             tier_pools, write_parameters)
 from .overflow import has_inf_or_nan as _has_inf_or_nan  # noqa: F401 - kept importable here
@@ -56,41 +57,6 @@ from .swapper import TensorSwapper
 __all__ = ["AdamW", "LossScaler", "OffloadedModel", "OffloadStats", "offload_model",
            "meta_parameters"]
 
-
-
-@dataclass(frozen=True)
-class LossScaler:
-    """Dynamic loss scaling for fp16 (halve on overflow, double after ``growth_interval``
-    good steps)."""
-
-    init_scale: float = 2.0 ** 16
-    growth_interval: int = 1000
-    min_scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class OffloadStats:
-    """A snapshot of an :class:`OffloadedModel`'s counters.
-
-    ``steps``: committed optimizer steps; ``paths``: how often each path of the step ran
-    (:class:`memascend.fused.Counts`); ``ssd_read`` / ``ssd_written``: tensor bytes the two
-    tiers moved; ``arenas_mapped`` / ``locked_bytes``: the pinned pool's mappings so far and
-    its locked bytes now; ``pinned_reserved``: bytes the pool has mapped.
-    """
-
-    steps: int
-    skipped_steps: int
-    paths: dict[str, Any]
-    ssd_read: int
-    ssd_written: int
-    arenas_mapped: int
-    locked_bytes: int
-    pinned_reserved: int
-    last_grad_norm: Optional[float]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The snapshot as a plain dict."""
-        return asdict(self)
 
 
 class OffloadedModel:
@@ -111,7 +77,8 @@ class OffloadedModel:
                  max_grad_norm: Optional[float] = None, fused_step: bool = True,
                  heap_mmap_threshold: int = PLAIN_MMAP_THRESHOLD,
                  host_threads: Optional[int] = None, overlap_step: bool = True,
-                 exact_undo: bool = True):
+                 exact_undo: bool = True, activations: Optional[str] = None,
+                 activation_budget: Any = act_tier.DEFAULT_BUDGET):
         compute_dtype = check_options(compute_dtype, accumulation_steps, max_grad_norm,
                                       heap_mmap_threshold, host_threads)
         previous = getattr(model, "_memascend_offloaded_to", None)
@@ -148,7 +115,12 @@ class OffloadedModel:
         else:
             self.pool = self.optim_pool = self.bounce_pool = pool
         self._opened: list[Any] = []
+        self.activations: Optional[act_tier.ActivationTier] = None
         try:
+            if activations is not None:
+                self.activations = self._open(act_tier.ActivationTier(
+                    activations, self.swap_dir, budget=activation_budget, engine=self.engine,
+                    overflow_pool=self.bounce_pool))
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
                                                     engine=self.engine, pool=self.bounce_pool,
                                                     durable=False, reset=True))
@@ -183,7 +155,10 @@ class OffloadedModel:
 
     def _pools(self) -> list[PinnedPool]:
         """The pinned pools this model uses (each once)."""
-        return list({id(p): p for p in (self.pool, self.optim_pool, self.bounce_pool)}.values())
+        pools = [self.pool, self.optim_pool, self.bounce_pool]
+        if self.activations is not None:
+            pools.append(self.activations.pool)
+        return list({id(p): p for p in pools}.values())
 
     def _open(self, obj: Any) -> Any:
         self._opened.append(obj)
@@ -219,6 +194,8 @@ class OffloadedModel:
 
     def _install_hooks(self) -> None:
         self._hooks = module_hooks.install(self, self.model)
+        if self.activations is not None:
+            self._hooks.extend(act_tier.attach(self.activations, self.model))
         for name, p in self._params.items():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
@@ -369,6 +346,8 @@ class OffloadedModel:
         """
         if self._in_bwd:
             self._end_pass()
+        if self.activations is not None:
+            self.activations.collect()
         applied = self._fused.step(self._prefetch_for_step)
         self.optim_sw.mark_pass()
         self.params_sw.mark_pass()
@@ -406,7 +385,9 @@ class OffloadedModel:
                             arenas_mapped=sum(p.arenas_mapped_total for p in pools),
                             locked_bytes=sum(p.locked for p in pools),
                             pinned_reserved=sum(p.reserved for p in pools),
-                            last_grad_norm=self.last_grad_norm)
+                            last_grad_norm=self.last_grad_norm,
+                            activations=(self.activations.stats().to_dict()
+                                         if self.activations is not None else None))
 
     def master(self, name: str) -> torch.Tensor:
         """A copy of parameter ``name``'s fp32 master weight, read from SSD (between steps).
@@ -550,7 +531,11 @@ def offload_model(model: torch.nn.Module, swap_dir: str, **options: Any) -> Offl
         each update is committed as it is made, about 1.1x, and nothing can be undone:
         clipped and fp16 windows run two-phase, a longer window or ``zero_grad()`` before
         ``step()`` is an error, a failed update leaves the step partly applied; see
-        :class:`memascend.fused.FusedAdam`).
+        :class:`memascend.fused.FusedAdam`);
+        ``activations`` (``"ssd"``, ``"pinned"`` or None, the default: where the tensors the
+        model's forward saves for backward wait, see :mod:`memascend.activations`; with
+        activation checkpointing, the checkpoints' inputs) and ``activation_budget``
+        (its pinned bytes, default 64 MiB).
 
     Parameters on the ``meta`` device (see :func:`meta_parameters`) are materialized one
     module at a time: allocated on the CPU, filled by ``init(module)`` (default

@@ -846,6 +846,22 @@ class TensorSwapper:
                 self._drop(r)
             self._cv.notify_all()
 
+    def discard(self, key: str) -> None:
+        """Forget ``key`` everywhere: its resident copy, queued prefetches, its registration
+        and its bytes in the store (for scratch keys used once, such as saved activations).
+        Waits for its read or write in flight.
+
+        Raises
+        ------
+        ValueError
+            ``key`` is swapped in (not released).
+        """
+        self.forget(key)
+        with self._cv:
+            self._meta.pop(key, None)
+        if key in self.store:
+            self.store.delete(key)
+
     def drop_resident(self) -> None:
         """Forget every resident copy (e.g. after the store's contents were replaced).
 

@@ -67,14 +67,14 @@ def masters(om):
     return om.master_state_dict()
 
 
-def llama_steps_match(om, model, ref, opt, steps, before=None):
+def llama_steps_match(om, model, ref, opt, steps, before=None, seq=16):
     """Train the offloaded ``model`` and the in-memory ``ref`` (with ``opt``) side by side on
     the same token batches: every loss and, at the end, every master weight bitwise equal."""
     g = torch.Generator().manual_seed(3)
     for step in range(steps):
         if before is not None:
             before(step)
-        x = torch.randint(0, 128, (2, 16), generator=g)
+        x = torch.randint(0, 128, (2, seq), generator=g)
         want = ref(input_ids=x, labels=x).loss
         want.backward()
         opt.step()
