@@ -109,7 +109,7 @@ class _Saved:
     """What autograd holds instead of a tensor the tier took (its pack result)."""
 
     __slots__ = ("tier", "seq", "keys", "size", "stride", "dtype", "device", "nbytes",
-                 "lease", "out", "__weakref__")
+                 "lease", "out", "keep", "uses", "unpacks", "__weakref__")
 
     def __init__(self, tier: "ActivationTier", seq: int, t: torch.Tensor):
         self.tier = tier
@@ -122,6 +122,9 @@ class _Saved:
         self.nbytes = t.numel() * t.element_size()
         self.lease: Any = None
         self.out: Any = None  # weak ref to the last unpacked tensor (a shared save reuses it)
+        self.keep: Any = None  # the unpacked tensor, while saves sharing it have yet to unpack
+        self.uses = 1  # saves that returned this object
+        self.unpacks = 0
 
     def describe(self) -> str:
         return (f"saved tensor #{self.seq} ({tuple(self.size)}, "
@@ -184,6 +187,7 @@ class ActivationTier:
         self._order: list[int] = []  # live seqs, ascending (forward order)
         self._same: dict[tuple, tuple[Any, int, Any]] = {}  # memory -> (base ref, version,
         self._seq = 0                                      #   saved ref)
+        self._queued: set[str] = set()  # keys queued for read-ahead (each once)
         # writes in flight, oldest first: (seq, description, key, handle); no reference to
         # the saved object, which must die with the graph
         self._writes: deque[tuple[int, str, str, Any]] = deque()
@@ -250,6 +254,7 @@ class ActivationTier:
                 saved = saved_ref()
                 if ref() is base and version == t._version and saved is not None:
                     self._c["shared"] += 1
+                    saved.uses += 1
                     return saved
             self._seq += 1
             saved = _Saved(self, self._seq, t)
@@ -333,9 +338,12 @@ class ActivationTier:
             raise MemAscendError(f"activation tier ({self.path}) is closed: cannot restore "
                                  f"{saved.describe()}")
         self.collect()
+        saved.unpacks += 1
         if saved.out is not None:
             out = saved.out()
             if out is not None:  # unpacked before and still alive (a save shared by two ops)
+                if saved.unpacks >= saved.uses:
+                    saved.keep = None
                 with self._lock:
                     self._c["reused"] += 1
                 return out
@@ -348,6 +356,9 @@ class ActivationTier:
         if saved.device.type != "cpu":
             out = out.to(saved.device)
         saved.out = weakref.ref(out)
+        # a save shared by several ops is unpacked by each, usually one right after the
+        # other in backward: keep the tensor until the last of them has it (one read)
+        saved.keep = out if saved.unpacks < saved.uses else None
         with self._lock:
             self._c["restored"] += 1
             self._c["restored_bytes"] += saved.nbytes
@@ -356,32 +367,42 @@ class ActivationTier:
     def _read(self, saved: _Saved, dst: torch.Tensor) -> None:
         sw = self.swapper
         self._check_writes(upto=saved)
-        sw.prefetch([k for k, _, _ in saved.keys] + self._ahead(saved.seq))
-        for key, start, n in saved.keys:
+        for j, (key, start, n) in enumerate(saved.keys):
+            self._read_ahead(saved, j + 1)
             view = sw.swap_in(key, observe=False).result()
             try:
                 dst[start:start + n].copy_(view)
             finally:
                 sw.release(key)
 
-    def _ahead(self, seq: int) -> list[str]:
-        """Keys of the live tensors saved before ``seq`` (backward's next), nearest first,
-        up to half the budget."""
+    def _read_ahead(self, saved: _Saved, piece: int) -> None:
+        """Queue reads of what backward wants next, up to half the budget: ``saved``'s
+        pieces from ``piece`` on, then the live tensors saved before it, nearest first (the
+        other half serves the piece being read and the pieces being copied). Each key is
+        queued once; one evicted before its use is read on demand."""
         keys, room = [], self.budget // 2
         with self._lock:
-            i = bisect.bisect_left(self._order, seq)
-            while i > 0 and room > 0:
-                i -= 1
-                ref = self._live.get(self._order[i])
-                s = ref() if ref is not None else None
-                if s is None:
-                    continue
-                for key, _, n in reversed(s.keys):
-                    keys.append(key)
-                    room -= n * s.dtype.itemsize
+            def take(s: _Saved, pieces: list[tuple[str, int, int]]) -> bool:
+                nonlocal room
+                for key, _, n in pieces:
                     if room <= 0:
+                        return False
+                    room -= n * s.dtype.itemsize
+                    if key not in self._queued:
+                        self._queued.add(key)
+                        keys.append(key)
+                return True
+
+            if take(saved, saved.keys[piece:]):
+                i = bisect.bisect_left(self._order, saved.seq)
+                while i > 0:
+                    i -= 1
+                    ref = self._live.get(self._order[i])
+                    s = ref() if ref is not None else None
+                    if s is not None and not take(s, list(reversed(s.keys))):
                         break
-        return keys
+        if keys:
+            self.swapper.prefetch(keys)
 
     # ---- lifetime ----
     def collect(self) -> None:
@@ -408,6 +429,7 @@ class ActivationTier:
         if self.swapper is not None and not self._closed:
             for key, _, _ in saved.keys:
                 self.swapper.discard(key)
+                self._queued.discard(key)
         saved.keys = []
 
     def stats(self) -> ActivationStats:
