@@ -46,11 +46,12 @@ from .errors import ConfigError, MemAscendError, PoolExhaustedError, SwapIOError
 from .extents import round_up
 from .module_hooks import in_backward
 from .pool import PinnedPool
+from .sizing import ACTIVATION_DEFAULT_BUDGET
 from .store import SwapStore
 from .swapper import TensorSwapper
 
 MODES = ("ssd", "pinned")
-DEFAULT_BUDGET = 64 << 20
+DEFAULT_BUDGET = ACTIVATION_DEFAULT_BUDGET
 MIN_BYTES = 256 << 10  # smaller saved tensors stay where they are: not worth a request
 
 
@@ -197,10 +198,13 @@ class ActivationTier:
         self.store: Optional[SwapStore] = None
         self.swapper: Optional[TensorSwapper] = None
         self._closed = False
-        arena = round_up(self.budget)
+        # ssd: the budget plus a piece as slack against fragmentation (as the other tiers'
+        # arenas); pinned: the budget is the cap
+        arena = round_up(self.budget + (self.piece_bytes if mode == "ssd" else 0))
         self.pool = PinnedPool(lock="auto", arena_bytes=arena, large_threshold=arena,
                                retain_bytes=arena, limit_bytes=arena)
-        # the store's bounce buffers (only for unaligned memory; the tier writes leases)
+        # the store's bounce buffers (for unaligned memory; the tier writes leases) and the
+        # buffers a fragmented arena cannot place (counted): mapped only if used
         self._bounce, self._own_bounce = overflow_pool, None
         if mode == "ssd":
             try:
@@ -210,7 +214,7 @@ class ActivationTier:
                                        pool=self._bounce, durable=False, reset=True)
                 self.swapper = TensorSwapper(self.store, pool=self.pool,
                                              budget_bytes=self.budget, plan_prefetch=False,
-                                             overflow_pool=overflow_pool)
+                                             overflow_pool=self._bounce)
             except BaseException:
                 self.close()
                 raise

@@ -303,7 +303,11 @@ def cmd_profile_estimate(args: argparse.Namespace) -> int:
     ests = [estimate_deepspeed(w, ds, flavor="stock", mmap_threshold=mmap),
             estimate_deepspeed(w, ds, flavor="memascend", mmap_threshold=mmap),
             estimate_offload(w, compute_dtype=args.dtype or ds.model_dtype, budget=budget,
-                             optimizer_budget=obudget, exact_undo=not args.no_undo)]
+                             optimizer_budget=obudget, exact_undo=not args.no_undo,
+                             activations=None if args.activations == "none" else args.activations,
+                             activation_budget=parse_size("--activation-budget",
+                                                          args.activation_budget)
+                             if args.activation_budget else None)]
     report = EstimateReport(model, n_params, w, tuple(ests),
                             tuple(machine_warnings(ests, phys_bytes(), lockable_bytes())))
     if args.json:
@@ -497,6 +501,11 @@ def _add_profile(sub: Any) -> None:
     est.add_argument("--no-undo", action="store_true",
                      help="offload_model with exact_undo=False and the window declared: its "
                           "updates committed as they are made (SSD ~1.1x the state, not ~2x)")
+    est.add_argument("--activations", choices=["none", "ssd", "pinned"], default="none",
+                     help="plain path: offload_model's activation tier (none): with ssd the "
+                          "tensors forward saves wait on SSD (RAM keeps one layer's worth)")
+    est.add_argument("--activation-budget", default=None,
+                     help="plain path: pinned budget of the activation tier (default 64MiB)")
     est.add_argument("--drive-tbw", type=_positive_float, default=None, metavar="TB",
                      help="the swap drive's rated endurance in terabytes written: also report "
                           "the steps until all ranks' writes reach it")

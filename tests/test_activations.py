@@ -200,3 +200,27 @@ def test_checkpoint_holds_nothing_of_the_activation_tier(tmp_path):
                        optimizer=AdamW(lr=1e-3)) as om2:
         om2.load(str(tmp_path / "ckpt"))  # loads without an activation tier
         assert om2.step_count == 1
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])
+def test_profiler_model_of_the_tier_matches_what_it_holds(tmp_path, checkpointing):
+    """``memascend.sizing.llama_activation_tier_bytes`` (what ``profile estimate
+    --activations ssd`` uses) against the bytes the tier actually held for a forward."""
+    from memascend.sizing import llama_activation_tier_bytes
+
+    model = tiny_llama()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing})
+    model.train()
+    tier = ActivationTier("ssd", str(tmp_path), budget="1MiB", min_bytes=0)
+    try:
+        x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+        with tier.saving():
+            loss = model(input_ids=x, labels=x).loss
+        held = tier.stats().peak_live_bytes
+        loss.backward()
+    finally:
+        tier.close()
+    moved = llama_activation_tier_bytes(model.config.to_dict(), 2, 64, 4,
+                                        checkpointing is not None)[1]
+    assert abs(held - moved) <= 0.1 * moved, (held, moved)

@@ -399,3 +399,30 @@ def test_offload_without_undo_needs_the_state_once_on_ssd():
     out = cli("--model", "llama2-7b", "--no-undo", "--json")
     doc = json.loads(out.stdout)
     assert doc["estimates"]["memascend"]["ssd"]["capacity_peak"] == plain.ssd.capacity_peak
+
+
+def test_offload_activation_tier_moves_the_saved_activations_to_ssd():
+    """--activations ssd: RAM keeps one layer's worth and the top; the rest is SSD capacity
+    and traffic; the tier's pinned arena is locked."""
+    model = load_model_config("llama2-7b")
+    w = Workload(model, seq=8192, gpus=0, checkpointing=True)
+    base = estimate_offload(w)
+    tier = estimate_offload(w, activations="ssd", activation_budget=32 * MIB)
+    ram, moved = sz.llama_activation_tier_bytes(model, 1, 8192, 4, True)
+    assert base.component("activations").nbytes - tier.component("activations").nbytes == \
+        sz.llama_activation_bytes(model, 1, 8192, 4, True) - ram > 0
+    assert tier.component("activation_pool").nbytes == 32 * MIB
+    assert tier.component("activation_pool").kind == "locked"
+    assert tier.ssd.written_per_step - base.ssd.written_per_step == moved
+    assert tier.ssd.read_per_step - base.ssd.read_per_step == moved
+    assert tier.ssd.capacity - base.ssd.capacity == moved
+    assert tier.peak_bytes < base.peak_bytes
+    out = cli("--model", "llama2-7b", "--gpus", "0", "--seq", "8192", "--checkpointing",
+              "--dtype", "float32", "--activations", "ssd", "--activation-budget", "32MiB",
+              "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["estimates"]["memascend"]["ssd"]["written_per_step"] == \
+        tier.ssd.written_per_step
+    with pytest.raises(ConfigError, match="activations"):
+        estimate_offload(w, activations="disk")

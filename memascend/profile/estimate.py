@@ -19,6 +19,7 @@ Everything here is arithmetic on shapes; reading files is the caller's business.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
@@ -227,13 +228,19 @@ def _freed(name: str, label: str, allocations: Sequence[int], phase: str, note: 
 
 
 def _activations(w: Workload, elem_bytes: int, largest: int,
-                 heap_threshold: Optional[int] = None) -> list[Component]:
+                 heap_threshold: Optional[int] = None, tier: bool = False) -> list[Component]:
     """Host-memory activation components of the backward phase (CPU compute only). The saved
     activations are per-layer tensors of at most ``tokens × max(hidden, intermediate)``
-    elements and the logits (``tokens × vocab``, also in fp32 when the model is not)."""
+    elements and the logits (``tokens × vocab``, also in fp32 when the model is not); with
+    the activation tier (``tier``), what it leaves in RAM
+    (:func:`memascend.sizing.llama_activation_tier_bytes`)."""
     if not w.host_activations:
         return []
-    acts = sz.llama_activation_bytes(w.model, w.batch, w.seq, elem_bytes, w.checkpointing)
+    if tier:
+        acts = sz.llama_activation_tier_bytes(w.model, w.batch, w.seq, elem_bytes,
+                                              w.checkpointing)[0]
+    else:
+        acts = sz.llama_activation_bytes(w.model, w.batch, w.seq, elem_bytes, w.checkpointing)
     vocab = int(w.model["vocab_size"])
     logits = [w.tokens * vocab * elem_bytes] + ([w.tokens * vocab * 4] if elem_bytes != 4 else [])
     piece = w.tokens * max(int(w.model["hidden_size"]), int(w.model["intermediate_size"])) * \
@@ -241,7 +248,9 @@ def _activations(w: Workload, elem_bytes: int, largest: int,
     rest = max(0, acts - sum(logits))
     layer = [piece] * (rest // piece) + ([rest % piece] if rest % piece else [])
     return [
-        *_freed("activations", "activations saved for backward", logits + layer, "backward",
+        *_freed("activations", "activations saved for backward" + (
+                    ", the activation tier's one layer and top at a time" if tier else ""),
+                logits + layer, "backward",
                 f"LLaMA, {w.batch}x{w.seq} tokens" + (", checkpointed" if w.checkpointing
                                                       else ""), heap_threshold),
         *_freed("backward_temporaries", "logits gradients + one weight gradient",
@@ -252,7 +261,9 @@ def _activations(w: Workload, elem_bytes: int, largest: int,
 
 def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
                      budget: Optional[int] = None, optimizer_budget: Optional[int] = None,
-                     meta_init: bool = True, exact_undo: bool = True) -> Estimate:
+                     meta_init: bool = True, exact_undo: bool = True,
+                     activations: Optional[str] = None,
+                     activation_budget: Optional[int] = None) -> Estimate:
     """Footprint of memascend's plain-PyTorch path (``offload_model``) for one process.
 
     Persistent: the runtime, the training runtime and the two tiers' pinned arenas
@@ -278,6 +289,11 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
         ``offload_model``'s option: with False (and the window declared) each update is
         committed as it is made: no old versions aside on SSD, no stored gradients at one
         micro-batch per step.
+    activations, activation_budget:
+        ``offload_model``'s options: with ``"ssd"`` the tensors forward saves wait in the
+        activation tier's store (a CPU-only run keeps one layer's worth in RAM; the tier's
+        pinned arena is locked; its bytes are SSD capacity and traffic). ``"pinned"`` keeps
+        them in host memory as before (on a GPU machine it moves them off the GPU).
 
     Raises
     ------
@@ -327,8 +343,11 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
         comps.append(Component("overflow_check", "fused overflow check (chunked)",
                                sz.chunked_overflow_check_bytes(ce, True), "transient", "backward",
                                note="1 Mi elements at a time"))
+    if activations not in (None, "none", "ssd", "pinned"):
+        raise ConfigError("activations", f"must be 'ssd', 'pinned' or None, got {activations!r}")
+    tier = activations == "ssd"
     if w.host_activations:
-        comps.extend(_activations(w, ce, largest))
+        comps.extend(_activations(w, ce, largest, tier=tier))
     else:
         notes.append("activations are in GPU memory (not counted); use --gpus 0 for a CPU run")
         comps.append(Component("gradient", "one weight gradient before it is offloaded",
@@ -337,9 +356,19 @@ def estimate_offload(w: Workload, *, compute_dtype: str = "float32",
         notes.append("offload_model trains in one process; --gpus > 1 is modelled as one rank")
     ssd = sz.offload_ssd_traffic(numels, ce, b, ob, micro_batches=w.micro_batches,
                                  grads=keep_grads, exact_undo=exact_undo)
+    if tier:
+        ab = activation_budget or sz.ACTIVATION_DEFAULT_BUDGET
+        moved = sz.llama_activation_tier_bytes(w.model, w.batch, w.seq, ce, w.checkpointing)[1]
+        comps.append(Component("activation_pool", "activation tier pinned arena", ab, "locked",
+                               note="activation_budget"))
+        ssd = dataclasses.replace(ssd, capacity=ssd.capacity + moved,
+                                  capacity_peak=ssd.capacity_peak + moved,
+                                  read_per_step=ssd.read_per_step + moved * w.micro_batches,
+                                  written_per_step=ssd.written_per_step + moved * w.micro_batches)
     return Estimate("memascend", f"memascend offload_model ({compute_dtype}, budgets "
                                  f"{b / sz.MiB:.0f} + {ob / sz.MiB:.0f} MiB"
-                                 f"{'' if exact_undo else ', exact_undo=False'})",
+                                 f"{'' if exact_undo else ', exact_undo=False'}"
+                                 f"{', activations on SSD' if tier else ''})",
                     tuple(comps), 1, ssd, tuple(notes))
 
 

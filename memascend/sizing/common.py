@@ -37,6 +37,7 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 
 #: ``offload_model``'s default pinned budget of the parameter tier (the optimizer tier
 #: defaults to the same).
 OFFLOAD_DEFAULT_BUDGET = 1 * GiB
+ACTIVATION_DEFAULT_BUDGET = 64 << 20  # offload_model's activation_budget
 
 
 def round_up(n: int, alignment: int = PAGE) -> int:

@@ -144,3 +144,25 @@ def llama_activation_bytes(cfg: Mapping[str, Any], batch: int, seq: int, elem_by
         elems = layers * per_layer + top
     extra_fp32_logits = tokens * vocab * 4 if elem_bytes != 4 else 0
     return tokens * elems * elem_bytes + extra_fp32_logits
+
+
+def llama_activation_tier_bytes(cfg: Mapping[str, Any], batch: int, seq: int, elem_bytes: int,
+                                checkpointing: bool = False) -> tuple[int, int]:
+    """What ``offload_model(..., activations="ssd")`` does to :func:`llama_activation_bytes`:
+    every tensor forward saves goes to the activation tier's store and comes back when
+    backward needs it, so RAM holds one layer's worth (the layer being recomputed or
+    backpropagated) and the top of the model (final norm, log-probabilities) at a time, an
+    upper bound that counts both at once; the tier writes and reads the rest: each layer's
+    input with checkpointing, every layer's saved tensors without, and the top.
+
+    Returns
+    -------
+    (bytes left in RAM, bytes the tier writes and reads back per micro-batch)
+    """
+    total = llama_activation_bytes(cfg, batch, seq, elem_bytes, checkpointing)
+    ram = llama_activation_bytes(dict(cfg, num_hidden_layers=1), batch, seq, elem_bytes)
+    if not checkpointing:
+        return ram, total
+    one_layer = ram - llama_activation_bytes(dict(cfg, num_hidden_layers=0), batch, seq,
+                                             elem_bytes)
+    return ram, total - one_layer  # a recomputed layer's tensors are used at once
