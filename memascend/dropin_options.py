@@ -14,6 +14,7 @@ from typing import Any, Optional
 from .config import parse_size
 from .errors import ConfigError
 from .heap import DEFAULT_MMAP_THRESHOLD, check_threshold, set_mmap_threshold
+from .sizing.common import ACTIVATION_DEFAULT_BUDGET
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,14 @@ class Options:
         Bytes from which glibc maps each heap allocation on its own, so a freed tensor's
         memory goes back to the system instead of staying in the heap (default 1 MiB; 0
         leaves the C heap alone). Process-wide and irreversible; see :mod:`memascend.heap`.
+    activations:
+        ``"ssd"`` or ``"pinned"``: the tensors the engine's forward saves for backward (with
+        transformers' gradient checkpointing, ``torch.utils.checkpoint``, each layer's
+        inputs) wait in memascend's activation tier (:mod:`memascend.activations`), under
+        ``<nvme_path>/memascend_activations/rank<N>``; default None. DeepSpeed's own
+        ``activation_checkpointing`` keeps its inputs itself and is not affected.
+    activation_budget:
+        Pinned bytes of the activation tier (default 64 MiB).
     """
 
     enabled: bool = True
@@ -68,6 +77,8 @@ class Options:
     optimizer_chunk: Any = 16 << 20
     optimizer_budget: Optional[Any] = None
     heap_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
+    activations: Optional[str] = None
+    activation_budget: Any = ACTIVATION_DEFAULT_BUDGET
 
     def __post_init__(self) -> None:
         check_threshold("memascend.heap_mmap_threshold", self.heap_mmap_threshold)
@@ -99,6 +110,11 @@ class Options:
         if self.param_budget is not None:
             object.__setattr__(self, "param_budget",
                                parse_size("memascend.param_budget", self.param_budget))
+        if self.activations not in (None, "ssd", "pinned"):
+            raise ConfigError("memascend.activations", f"must be ssd, pinned or null, got "
+                                                       f"{self.activations!r}")
+        object.__setattr__(self, "activation_budget",
+                           parse_size("memascend.activation_budget", self.activation_budget))
 
     def apply_heap(self) -> None:
         """Set the C heap's mmap threshold (``heap_mmap_threshold``) when memascend is

@@ -114,7 +114,13 @@ def main(path):
         model = build_model(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01,
                             **spec.get("adamw", {}))
+    if spec.get("hf_checkpointing") is not None:  # transformers' (torch.utils.checkpoint)
+        model.gradient_checkpointing_enable({"use_reentrant": spec["hf_checkpointing"]})
+        model.train()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    tier = getattr(engine, "memascend_activations", None)
+    if tier is not None and "act_min_bytes" in spec:
+        tier.min_bytes = spec["act_min_bytes"]
     start = 0
     if spec.get("load"):
         engine.load_checkpoint(spec["load"], tag="ckpt")
@@ -147,6 +153,10 @@ def main(path):
         osw = engine.optimizer.optimizer_swapper
         out["optim_stats"] = osw.stats() if hasattr(osw, "stats") else None
         out["stats"] = ma_ds.stats()
+    if tier is not None:
+        tier.collect()
+        out["activations"] = tier.stats().to_dict()
+        out["activation_dir"] = tier.path
     from memascend.heap import mmap_threshold
 
     out["heap_mmap_threshold"] = mmap_threshold()

@@ -224,3 +224,31 @@ def test_profiler_model_of_the_tier_matches_what_it_holds(tmp_path, checkpointin
     moved = llama_activation_tier_bytes(model.config.to_dict(), 2, 64, 4,
                                         checkpointing is not None)[1]
     assert abs(held - moved) <= 0.1 * moved, (held, moved)
+
+
+def test_drop_in_attaches_a_tier_under_the_nvme_folder_or_refuses(tmp_path):
+    """The DeepSpeed drop-in's ``"memascend": {"activations": ...}`` (no DeepSpeed needed
+    here: the engine is a stand-in; tests/test_deepspeed.py trains a real one)."""
+    from types import SimpleNamespace
+
+    from memascend.dropin_options import Options
+    from memascend.integrations.deepspeed.activations import attach_activations
+
+    engine = SimpleNamespace(module=torch.nn.Linear(256, 256), global_rank=3)
+    with pytest.raises(ConfigError, match="memascend.activations"):
+        attach_activations(engine, {"zero_optimization": {"offload_param": {"device": "cpu"}}},
+                           Options(activations="ssd"))
+    with pytest.raises(ConfigError, match="memascend.activations"):
+        Options(activations="disk")
+    cfg = {"zero_optimization": {"offload_optimizer": {"device": "nvme",
+                                                       "nvme_path": str(tmp_path)}}}
+    tier = attach_activations(engine, cfg, Options(activations="ssd",
+                                                   activation_budget="1MiB"))
+    try:
+        assert tier.path == str(tmp_path / "memascend_activations" / "rank3" / "acts.swp")
+        tier.min_bytes = 0
+        x = torch.randn(64, 256, requires_grad=True)
+        engine.module(x).sin().sum().backward()
+        assert tier.stats().saved >= 1 and x.grad is not None
+    finally:
+        tier.close()

@@ -424,3 +424,22 @@ def test_full_swap_disk_fails_with_a_clear_error(tmp_path, small_ext4):
     # or gradient piece ``{sub-group}/{master|m|v|g}/{piece}``
     assert "memascend.swp" in log, log[-2000:]
     assert re.search(r"key=(\S+\.tensor\.swp|\d+_\d+/(master|m|v|g)/\d+)", log), log[-2000:]
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_tier_in_the_drop_in_is_bitwise(tmp_path, reentrant):
+    """``"memascend": {"activations": "ssd"}`` with transformers' gradient checkpointing:
+    the checkpoints' inputs (and the loss's tensors) wait in the activation tier's store
+    under the NVMe folder, and the losses are bit for bit those without it."""
+    ref = run(tmp_path, model="llama", device="nvme", steps=3, hf_checkpointing=reentrant,
+              swap=str(tmp_path / "s1"))[0]
+    got = run(tmp_path, model="llama", device="nvme", steps=3, hf_checkpointing=reentrant,
+              memascend={"activations": "ssd", "activation_budget": "64KiB"},
+              act_min_bytes=0, swap=str(tmp_path / "s2"))[0]
+    assert got["losses"] == ref["losses"]
+    st = got["activations"]
+    assert st["saved"] > 0 and st["written_bytes"] == st["saved_bytes"]
+    assert st["read_bytes"] > 0 and st["live_bytes"] == 0
+    assert got["activation_dir"].startswith(str(tmp_path / "s2"))
+    assert "activations" not in ref
+

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from ...errors import ConfigError
 from . import state
 from .marker import CLIENT_KEY, WrittenBy, layout_of
+from .activations import attach_activations
 from .runtime import Options, current_runtime
 
 
@@ -108,7 +109,10 @@ def wrap_initialize(original: Any) -> Any:
         state.set_options(merged)
         state.set_aio_given(cfg is None or "aio" in cfg)  # a config not read here: as given
         try:
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
+            if merged.enabled and merged.activations:
+                attach_activations(out[0], cfg, merged)
+            return out
         finally:
             state.set_options(base)
             state.set_aio_given(True)
