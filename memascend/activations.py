@@ -378,6 +378,8 @@ class ActivationTier:
                 dst[start:start + n].copy_(view)
             finally:
                 sw.release(key)
+            del view
+            sw.forget(key)  # copied out: its buffer serves the next read-ahead at once
 
     def _read_ahead(self, saved: _Saved, piece: int) -> None:
         """Queue reads of what backward wants next, up to half the budget: ``saved``'s
@@ -403,7 +405,9 @@ class ActivationTier:
                     i -= 1
                     ref = self._live.get(self._order[i])
                     s = ref() if ref is not None else None
-                    if s is not None and not take(s, list(reversed(s.keys))):
+                    if s is None or s.unpacks:  # restored already (backward's order is
+                        continue                # only roughly the reverse of forward's)
+                    if not take(s, list(reversed(s.keys))):
                         break
         if keys:
             self.swapper.prefetch(keys)
