@@ -27,9 +27,9 @@ Safety rules:
   are; other memory (any tensor, bytes) is bounced through aligned leases in chunks.
 - One process at a time: the metadata folder is locked (flock).
 
-Two parts live in modules of their own: how the area's space is placed, grown and reused
-(:mod:`memascend.store_space`), and the checkpoint exchange, export and import
-(:mod:`memascend.store_exchange`).
+Three parts live in modules of their own: how the area's space is placed, grown and reused
+(:mod:`memascend.store_space`), the checkpoint exchange, export and import
+(:mod:`memascend.store_exchange`), and reading (:mod:`memascend.store_read`).
 """
 from __future__ import annotations
 
@@ -45,54 +45,19 @@ from typing import Any, Iterable, Optional
 from . import _native
 from .config import resolve
 from .engine import SwapEngine
-from .errors import (ChecksumError, ConfigError, KeyNotFoundError, MetadataError,
-                     StoreLockedError, SwapIOError)
+from .errors import (ConfigError, KeyNotFoundError, MetadataError, StoreLockedError,
+                     SwapIOError)
 from .extents import ALIGN, ExtentAllocator, round_up
 from .files import private_open
 from .handle import SwapHandle
 from .manifest import Entry, Manifest
-from .pool import Lease, PinnedPool
+from .pool import PinnedPool
 from .store_config import StoreConfig, StoreStats
 from .store_exchange import Exchange, place_entries, read_export
+from .store_read import Reading, _memory_of, crc32c
 from .store_space import AreaSpace
 
 __all__ = ["SwapStore", "StoreConfig", "StoreStats", "crc32c", "read_export", "place_entries"]
-
-def crc32c(address: int, nbytes: int, crc: int = 0) -> int:
-    """CRC32C of ``nbytes`` at ``address`` (native, GIL released)."""
-    ffi, lib = _native.require()
-    c = ffi.new("uint32_t *", crc)
-    lib.ma_crc32c(c, ffi.cast("void *", address), nbytes)
-    return int(c[0])
-
-
-def _memory_of(obj: Any, writable: bool) -> tuple[int, int, Optional[int], Any, Any, Any]:
-    """``(address, nbytes, room, keepalive, dtype, shape)`` of a Lease, tensor or buffer.
-
-    ``room`` is how many bytes may be touched from ``address`` (a lease's rounded size), or
-    None when only ``nbytes`` may be.
-    """
-    if isinstance(obj, Lease):
-        mv = obj.memoryview()
-        return obj.address, obj.nbytes, obj.size, mv, None, None
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(obj, torch.Tensor):
-        if obj.device.type != "cpu":
-            raise ValueError(f"tensor on {obj.device}: the store moves host memory; copy it "
-                             "to a pinned lease first")
-        if not obj.is_contiguous():
-            raise ValueError("tensor is not contiguous; call .contiguous() first")
-        return (obj.data_ptr(), obj.numel() * obj.element_size(), None, obj,
-                str(obj.dtype).replace("torch.", ""), tuple(obj.shape))
-    ffi, _lib = _native.require()
-    mv = memoryview(obj)
-    if writable and mv.readonly:
-        raise ValueError("destination buffer is read-only")
-    cbuf = ffi.from_buffer(mv, require_writable=writable)
-    return int(ffi.cast("uintptr_t", cbuf)), mv.nbytes, None, (mv, cbuf), None, None
 
 
 def _keyed(err: MetadataError, key: str) -> MetadataError:
@@ -105,7 +70,7 @@ def _keyed(err: MetadataError, key: str) -> MetadataError:
     return out
 
 
-class SwapStore(AreaSpace, Exchange):
+class SwapStore(AreaSpace, Exchange, Reading):
     """Tensors by key in one swap area (see the module docstring).
 
     Parameters
@@ -420,112 +385,6 @@ class SwapStore(AreaSpace, Exchange):
                 out.set_exception(exc)
 
         self._bg.submit(run)
-        return out
-
-    # ---- reading ----
-    def read(self, key: str, dst: Any) -> SwapHandle:
-        """Read ``key`` into ``dst`` (a Lease, a contiguous CPU tensor or a writable buffer).
-
-        ``dst`` must hold at least the stored byte count. The handle's result is the number
-        of bytes read; with checksums on, a mismatch fails it with ChecksumError.
-
-        Raises
-        ------
-        KeyNotFoundError
-            The store does not hold ``key``.
-        ValueError
-            ``dst`` is too small or not writable.
-        """
-        self._check_open()
-        entry = self.info(key)
-        addr, cap, room, keep, _dt, _sh = _memory_of(dst, writable=True)
-        if cap < entry.nbytes:
-            raise ValueError(f"destination holds {cap} bytes, {key!r} has {entry.nbytes}")
-        rounded = round_up(entry.nbytes)
-        with self._mu:
-            self._pin(entry.offset)
-            self._pending += 1
-        aligned = addr % ALIGN == 0
-        space = room if room is not None else cap
-        if aligned and space >= rounded:
-            inner = self.engine.read(self._file, addr, rounded, entry.offset, key=key)
-        else:
-            inner = self._bounced(key, "read", addr, entry.nbytes, entry.offset, keep,
-                                  direct_len=entry.nbytes // ALIGN * ALIGN if aligned else 0)
-        out = SwapHandle(f"read of {key!r}")
-        inner.add_done_callback(lambda h: self._read_done(h, entry, addr, out, keep))
-        return out
-
-    def _read_done(self, h: SwapHandle, entry: Entry, addr: int, out: SwapHandle,
-                   keep: Any) -> None:
-        exc = h.exception(0)
-        if exc is None and entry.crc is not None:
-            actual = crc32c(addr, entry.nbytes)
-            if actual != entry.crc:
-                exc = ChecksumError(
-                    f"checksum mismatch for {entry.key!r} in {self.path} at offset "
-                    f"{entry.offset} ({entry.nbytes} bytes): stored {entry.crc:#010x}, read "
-                    f"{actual:#010x}", key=entry.key, path=self.path, offset=entry.offset,
-                    nbytes=entry.nbytes, expected=entry.crc, actual=actual)
-        with self._mu:
-            self._unpin(entry.offset)
-            self._counts["reads"] += 1
-            if exc is None:
-                self._counts["bytes_read"] += entry.nbytes
-            if exc is not None:
-                self._counts["read_errors"] += 1
-                if isinstance(exc, ChecksumError):
-                    self._counts["checksum_failures"] += 1
-            self._pending -= 1
-            self._mu.notify_all()
-        if exc is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result(entry.nbytes)
-
-    def read_range(self, key: str, dst: Lease, start: int, nbytes: int) -> SwapHandle:
-        """Read bytes ``[start, start+nbytes)`` of ``key`` into the lease ``dst`` (unverified).
-
-        For streaming a large tensor through a small buffer; ``start`` must be a multiple of
-        4096 and ``dst`` must hold ``nbytes`` rounded up to 4096. The caller verifies the
-        checksum over all pieces (``crc32c(addr, n, crc)`` chains) against ``info(key).crc``.
-
-        Raises
-        ------
-        KeyNotFoundError, ValueError
-            Unknown key; a range outside the tensor, a misaligned start, a small buffer.
-        """
-        self._check_open()
-        entry = self.info(key)
-        if start % ALIGN or start < 0 or nbytes <= 0 or start + nbytes > entry.nbytes:
-            raise ValueError(f"range {start}+{nbytes} of {key!r} ({entry.nbytes} bytes): start "
-                             f"must be a multiple of {ALIGN} and the range inside the tensor")
-        if not isinstance(dst, Lease) or dst.size < round_up(nbytes):
-            raise ValueError(f"read_range needs a lease of at least {round_up(nbytes)} bytes")
-        with self._mu:
-            self._pin(entry.offset)
-            self._pending += 1
-        inner = self.engine.read(self._file, dst.address, round_up(nbytes),
-                                 entry.offset + start, key=key)
-        out = SwapHandle(f"read of {key!r}[{start}:{start + nbytes}]")
-        unverified = dataclasses.replace(entry, crc=None, nbytes=nbytes)  # result: range size
-        inner.add_done_callback(lambda h: self._read_done(h, unverified, dst.address, out, dst))
-        return out
-
-    def read_tensor(self, key: str) -> SwapHandle:
-        """Read ``key`` into a new torch tensor of its recorded dtype and shape.
-
-        Keys written from bytes have no dtype: they come back as a 1-D uint8 tensor.
-        """
-        import torch
-
-        e = self.info(key)
-        dtype = getattr(torch, e.dtype) if e.dtype else torch.uint8
-        shape = e.shape if e.shape is not None else (e.nbytes,)
-        t = torch.empty(shape, dtype=dtype)
-        out = SwapHandle(f"read of {key!r}")
-        self.read(key, t).add_done_callback(
-            lambda h: out.set_exception(h.exception(0)) if h.exception(0) else out.set_result(t))
         return out
 
     # ---- table ----

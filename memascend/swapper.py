@@ -23,191 +23,34 @@ submission — in the kernel, pinning the buffer's pages — stays off the consu
 completes on the engine's threads; all state is under one lock, and the consumer blocks only in
 ``wait()`` on a handle, while waiting for budget, or briefly behind one submission. A key the
 consumer asks for before its prefetch started is read on demand on the consumer's thread.
+
+Reading into buffers is :mod:`memascend.swapper_load`, the read-ahead
+:mod:`memascend.swapper_prefetch`, the records and options :mod:`memascend.swapper_types`;
+this module holds the budget, residency and the consumer's API.
 """
 from __future__ import annotations
 
-import atexit
-import math
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterable, Optional, Sequence
+from dataclasses import replace
+from typing import Any, Optional, Sequence
 
 from .buffers import BufferPool
-from .config import parse_size
-from .errors import ChecksumError, ConfigError, KeyNotFoundError, PoolExhaustedError
+from .errors import ConfigError, KeyNotFoundError, PoolExhaustedError
 from .handle import SwapHandle
 from .pool import Lease, PinnedPool
 from .prefetch import AccessPlan, DepthController
-from .store import SwapStore, crc32c
+from .store import SwapStore
+from .swapper_load import Loading
+from .swapper_prefetch import _LIVE, Prefetching
+from .swapper_types import SwapperConfig, SwapperStats, _dtype, _Meta, _Res, _torch
+
+__all__ = ["TensorSwapper", "SwapperConfig", "SwapperStats"]
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
-# Prefetch threads still running at interpreter exit are stopped first (before the engines
-# close: handlers run last-registered first). A daemon thread that drops a tensor view while
-# the interpreter finalizes is killed inside torch's destructor and aborts the process.
-_LIVE: "weakref.WeakSet[TensorSwapper]" = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_live_prefetchers() -> None:
-    for sw in list(_LIVE):
-        try:
-            sw._stop_prefetcher(timeout=5.0)
-        except Exception:  # best effort at exit
-            pass
-
-
-def _dtype(d: Any):
-    torch = _torch()
-    if isinstance(d, torch.dtype):
-        return d
-    if isinstance(d, str) and isinstance(getattr(torch, d.replace("torch.", ""), None), torch.dtype):
-        return getattr(torch, d.replace("torch.", ""))
-    raise ValueError(f"not a torch dtype: {d!r}")
-
-
-@dataclass(frozen=True)
-class _Meta:
-    shape: tuple[int, ...]
-    dtype: Any          # served (torch.dtype)
-    stored: Any         # on disk (torch.dtype)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def served_bytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.numel * self.stored.itemsize
-
-
-class _Res:
-    """A resident tensor: its buffer and where it is in its life."""
-
-    __slots__ = ("key", "meta", "lease", "stage", "state", "users", "prefetched", "used",
-                 "writing", "drop_after_write", "view", "error", "waiters", "last_use",
-                 "pass_no")
-
-    def __init__(self, key: str, meta: _Meta, lease: Lease, prefetched: bool, pass_no: int):
-        self.key, self.meta, self.lease = key, meta, lease
-        self.stage: Optional[Lease] = None
-        self.state = "loading"
-        self.users = 0
-        self.prefetched = prefetched
-        self.used = False
-        self.writing = 0
-        self.drop_after_write = False
-        self.view = None
-        self.error: Optional[BaseException] = None
-        self.waiters: list[tuple[SwapHandle, float]] = []
-        self.last_use = time.monotonic()
-        self.pass_no = pass_no  # the pass it was loaded in
-
-
-@dataclass(frozen=True)
-class SwapperStats:
-    """A snapshot of a swapper's counters (bytes unless named otherwise).
-
-    ``hits``: prefetched and ready before asked; ``reuse_hits``: still resident from an earlier
-    use; ``late``: prefetch in flight when asked (the consumer waited); ``misses``: read on
-    demand. ``wait_seconds`` is the time from a late or missed ``swap_in`` to its data.
-    ``prefetch_errors``: background reads that could not start (the consumer gets the error).
-    """
-
-    accesses: int
-    hits: int
-    reuse_hits: int
-    late: int
-    misses: int
-    wait_seconds: float
-    budget_waits: int
-    reads: int
-    writes: int
-    bytes_read: int
-    bytes_written: int
-    evictions: int
-    wasted_prefetches: int
-    prefetch_errors: int
-    depth: int
-    depth_history: list[tuple[int, int]]
-    resident_keys: int
-    pinned_bytes: int
-    pinned_peak: int
-    budget_bytes: int
-    leases_created: int
-    leases_reused: int
-    overflow_leases: int
-    plan_learning: bool
-    plan_length: int
-    plan_resyncs: int
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of accesses served without waiting (hits + reuse hits)."""
-        return (self.hits + self.reuse_hits) / self.accesses if self.accesses else math.nan
-
-    def to_dict(self) -> dict[str, Any]:
-        """The snapshot as a plain dict (with ``hit_rate``)."""
-        d = asdict(self)
-        d["hit_rate"] = self.hit_rate
-        return d
-
-
-@dataclass(frozen=True)
-class SwapperConfig:
-    """Options of a :class:`TensorSwapper`.
-
-    Attributes
-    ----------
-    budget_bytes:
-        Most pinned bytes the swapper holds at once (required).
-    start_depth, max_depth:
-        Initial and largest prefetch depth, in tensors (defaults 2 and 32).
-    chunk_bytes:
-        Staging buffer for dtype conversion on the way in (default 4 MiB).
-    wait_timeout:
-        Seconds a request may wait for budget before ``TimeoutError`` (default 600).
-    plan_prefetch:
-        Read ahead along the learned access order (default True). Turn it off when the
-        consumer calls :meth:`TensorSwapper.prefetch` itself from an order it knows, and
-        the learned one would mislead: e.g. an optimizer step, where the plan wraps into
-        the next pass and reads gradients that backward overwrites first.
-    """
-
-    budget_bytes: int
-    start_depth: int = 2
-    max_depth: int = 32
-    chunk_bytes: int = 4 << 20
-    wait_timeout: float = 600.0
-    plan_prefetch: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "budget_bytes", parse_size("budget_bytes", self.budget_bytes))
-        object.__setattr__(self, "chunk_bytes", parse_size("chunk_bytes", self.chunk_bytes))
-        if self.budget_bytes <= 0:
-            raise ConfigError("budget_bytes", f"must be > 0, got {self.budget_bytes}")
-        if not 1 <= self.start_depth <= self.max_depth:
-            raise ConfigError("start_depth", f"must be in [1, max_depth={self.max_depth}]")
-        if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
-            raise ConfigError("chunk_bytes", "must be a positive multiple of 4096")
-        if self.wait_timeout <= 0:
-            raise ConfigError("wait_timeout", "must be > 0")
-
-
-class TensorSwapper:
+class TensorSwapper(Loading, Prefetching):
     """Tensors by key, backed by a :class:`SwapStore` (see the module docstring).
 
     Parameters
@@ -394,123 +237,6 @@ class TensorSwapper:
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"waited {self.config.wait_timeout} s for pinned budget "
                                        f"for {key!r}")
-
-    # ---- loading ----
-    def _start_load(self, key: str, blocking: bool, prefetched: bool,
-                    before: float = -1.0, claim: bool = False) -> Optional[_Res]:
-        """Start reading ``key`` into a new buffer (or return the resident that appeared
-        while waiting for budget). ``claim`` counts the caller as a user *before* any I/O is
-        issued: a read can complete, and prefetches run, before this returns, and an
-        unclaimed resident could be evicted under the caller."""
-        meta = self._meta_of(key)
-        lease = self._acquire(key, meta.served_bytes, blocking, before, loading=True,
-                              spare=prefetched)
-        if lease is None:
-            r = self._res.get(key)  # prefetched meanwhile, or (not blocking) no budget
-            if r is not None and claim:
-                r.users += 1
-            return r
-        r = _Res(key, meta, lease, prefetched, self._pass)
-        if meta.stored != meta.dtype:
-            stage_bytes = min(self.config.chunk_bytes, BufferPool.size_class(meta.stored_bytes))
-            try:
-                r.stage = self._acquire(key, stage_bytes, blocking, before, spare=prefetched)
-            except BaseException:
-                self.buffers.put(lease)
-                raise
-            if r.stage is None:
-                self.buffers.put(lease)
-                return None
-        existing = self._res.get(key)
-        if existing is not None:
-            # While this call waited for budget (lock released), a prefetch brought the key
-            # in: use that one and give the buffers back.
-            self.buffers.put(lease)
-            if r.stage is not None:
-                self.buffers.put(r.stage)
-            if claim:
-                existing.users += 1
-            return existing
-        if claim:
-            r.users = 1
-        self._res[key] = r
-        self._inflight += 1
-        try:
-            if r.stage is None:
-                h = self.store.read(key, lease)
-            else:
-                h = SwapHandle(f"converted read of {key!r}")
-                self._bg.submit(self._read_converted, r, h)
-        except BaseException:
-            self._inflight -= 1
-            del self._res[key]
-            self.buffers.put(lease)
-            if r.stage is not None:
-                self.buffers.put(r.stage)
-            raise
-        h.add_done_callback(lambda hh: self._loaded(r, hh))
-        return r
-
-    def _read_converted(self, r: _Res, out: SwapHandle) -> None:
-        """Stream the stored tensor through the staging buffer, converting each chunk."""
-        try:
-            self._convert_chunks(r)
-            out.set_result(r.meta.stored_bytes)
-        except BaseException as exc:
-            exc.__traceback__ = None  # frames would keep views of the buffers alive
-            out.set_exception(exc)
-
-    def _convert_chunks(self, r: _Res) -> None:
-        meta, stage = r.meta, r.stage
-        entry = self.store.info(r.key)
-        item = meta.stored.itemsize
-        chunk = stage.size  # a multiple of 4096, hence of every element size
-        dst = r.lease.as_tensor(meta.dtype, (meta.numel,))
-        crc, done = 0, 0
-        while done < meta.stored_bytes:
-            n = min(chunk, meta.stored_bytes - done)
-            self.store.read_range(r.key, stage, done, n).wait()
-            if entry.crc is not None:
-                crc = crc32c(stage.address, n, crc)
-            dst[done // item:(done + n) // item].copy_(stage.as_tensor(meta.stored, (n // item,)))
-            done += n
-        del dst
-        if entry.crc is not None and crc != entry.crc:
-            raise ChecksumError(
-                f"checksum mismatch for {r.key!r} in {self.store.path} at offset {entry.offset} "
-                f"({entry.nbytes} bytes): stored {entry.crc:#010x}, read {crc:#010x}",
-                key=r.key, path=self.store.path, offset=entry.offset, nbytes=entry.nbytes,
-                expected=entry.crc, actual=crc)
-
-    def _loaded(self, r: _Res, h: SwapHandle) -> None:
-        now = time.monotonic()
-        with self._cv:
-            self._inflight -= 1
-            if r.stage is not None:
-                self.buffers.put(r.stage)
-                r.stage = None
-            exc = h.exception(0)
-            if exc is None:
-                r.state = "ready"
-                r.view = r.lease.as_tensor(r.meta.dtype, r.meta.shape)
-                self._c["reads"] += 1
-                self._c["bytes_read"] += r.meta.stored_bytes
-            else:
-                r.state = "failed"
-                r.error = exc
-                if self._res.get(r.key) is r:
-                    del self._res[r.key]
-                self.buffers.put(r.lease)
-            waiters, r.waiters = r.waiters, []
-            for _out, t0 in waiters:
-                self._c["wait_seconds"] += now - t0
-            self._cv.notify_all()
-        self._kick()
-        for out, _t0 in waiters:
-            if exc is None:
-                out.set_result(r.view)
-            else:
-                out.set_exception(exc)
 
     # ---- the consumer's API ----
     def swap_in(self, key: str, observe: bool = True) -> SwapHandle:
@@ -732,81 +458,6 @@ class TensorSwapper:
         else:
             out.set_exception(exc)
 
-    def prefetch(self, keys: Iterable[str]) -> None:
-        """Read these keys ahead, in order, as the budget allows (never blocks).
-
-        Raises
-        ------
-        KeyNotFoundError
-            A key is neither registered nor stored.
-        """
-        self._check_open()
-        with self._cv:
-            for k in keys:
-                self._meta_of(k)
-                self._queue.append(k)
-        self._kick()
-
-    def mark_pass(self) -> None:
-        """Mark the end of a pass (e.g. a training step) for the learned prefetch plan."""
-        with self._cv:
-            self.plan.mark_pass()
-            self._pass += 1
-            self._prefetch_failed.clear()
-        self._kick()
-
-    def _kick(self) -> None:
-        """Wake the prefetch thread (it submits reads off the consumer's thread)."""
-        self._kick_ev.set()
-
-    def _pump(self) -> bool:
-        """Start at most one prefetch read: the explicit queue first, then the plan's next
-        keys within the current depth. True if one started (call again for more)."""
-        while self._queue:
-            k = self._queue.popleft()
-            if k in self._res:
-                continue
-            if self._start_load(k, blocking=False, prefetched=True) is None:
-                self._queue.appendleft(k)  # no budget now; a completion or release kicks again
-                return False
-            return True
-        if not self.config.plan_prefetch:
-            return False
-        for k in self.plan.upcoming(self.depth.depth):
-            if k in self._res or k in self._prefetch_failed:
-                continue
-            if k not in self._meta and k not in self.store:
-                continue
-            try:
-                r = self._start_load(k, blocking=False, prefetched=True,
-                                     before=self.plan.next_use(k))
-            except Exception:
-                # The consumer's own swap_in of this key will raise the error; do not retry
-                # it in the background until the next pass.
-                self._prefetch_failed.add(k)
-                self._c["prefetch_errors"] += 1
-                return True
-            return r is not None
-        return False
-
-    def _prefetch_loop(self) -> None:
-        """The prefetch thread: on every kick (and every 50 ms), start reads one at a time,
-        taking the lock once per read so the consumer never waits behind a batch."""
-        while True:
-            self._kick_ev.wait(0.05)
-            self._kick_ev.clear()
-            while True:
-                with self._cv:
-                    if self._stopping:
-                        return
-                    try:
-                        started = self._pump()
-                    except Exception:  # e.g. a queued key that vanished: drop it, go on
-                        self._c["prefetch_errors"] += 1
-                        started = True
-                if not started:
-                    break
-
     # ---- introspection and lifecycle ----
     def stats(self) -> SwapperStats:
         """A snapshot of the counters."""
@@ -887,13 +538,6 @@ class TensorSwapper:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("the swapper is closed")
-
-    def _stop_prefetcher(self, timeout: Optional[float] = None) -> None:
-        with self._cv:
-            self._stopping = True
-        self._kick()
-        if self._prefetcher is not threading.current_thread():
-            self._prefetcher.join(timeout)
 
     def close(self) -> None:
         """Finish in-flight I/O and give every buffer back to the pool. Idempotent."""
