@@ -113,6 +113,7 @@ def summarize(seq: int, pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
         "tensors_per_step": tier.get("saved"),
         "tier_peak_live_bytes": tier.get("tier_peak_live_bytes"),
         "losses_equal": all(losses(a) == losses(b) for a, b in pairs),
+        "losses": [{"without": losses(a), "with": losses(b)} for a, b in pairs],
         "loss_last": with_[-1]["steps"][-1]["loss"],
     }
 

@@ -110,7 +110,7 @@ class _Saved:
     """What autograd holds instead of a tensor the tier took (its pack result)."""
 
     __slots__ = ("tier", "seq", "keys", "size", "stride", "dtype", "device", "nbytes",
-                 "lease", "out", "keep", "uses", "unpacks", "__weakref__")
+                 "lease", "out", "keep", "uses", "unpacks", "dead", "__weakref__")
 
     def __init__(self, tier: "ActivationTier", seq: int, t: torch.Tensor):
         self.tier = tier
@@ -126,12 +126,17 @@ class _Saved:
         self.keep: Any = None  # the unpacked tensor, while saves sharing it have yet to unpack
         self.uses = 1  # saves that returned this object
         self.unpacks = 0
+        self.dead = False  # autograd dropped it: to be deleted, never to be shared again
 
     def describe(self) -> str:
         return (f"saved tensor #{self.seq} ({tuple(self.size)}, "
                 f"{str(self.dtype).replace('torch.', '')}, {self.nbytes} bytes)")
 
     def __del__(self) -> None:
+        # Appending resurrects the object, and CPython clears weak references only after a
+        # finalizer that did not resurrect: the tier's weak references to it stay valid, so
+        # ``dead`` is what keeps a later save from sharing it (its bytes are being deleted).
+        self.dead = True
         tier = self.tier
         if tier is not None:
             tier._dead.append(self)
@@ -256,7 +261,8 @@ class ActivationTier:
             if hit is not None:
                 ref, version, saved_ref = hit
                 saved = saved_ref()
-                if ref() is base and version == t._version and saved is not None:
+                if (ref() is base and version == t._version and saved is not None
+                        and not saved.dead):
                     self._c["shared"] += 1
                     saved.uses += 1
                     return saved
@@ -341,6 +347,10 @@ class ActivationTier:
         if saved.tier is not self or self._closed:
             raise MemAscendError(f"activation tier ({self.path}) is closed: cannot restore "
                                  f"{saved.describe()}")
+        if saved.dead or (self.mode == "ssd" and not saved.keys) or \
+                (self.mode == "pinned" and saved.lease is None):
+            raise MemAscendError(f"activation tier ({self.path}): {saved.describe()} was "
+                                 "deleted before backward needed it")
         self.collect()
         saved.unpacks += 1
         if saved.out is not None:
@@ -405,8 +415,8 @@ class ActivationTier:
                     i -= 1
                     ref = self._live.get(self._order[i])
                     s = ref() if ref is not None else None
-                    if s is None or s.unpacks:  # restored already (backward's order is
-                        continue                # only roughly the reverse of forward's)
+                    if s is None or s.unpacks or s.dead:  # restored already (backward's
+                        continue                # order is only roughly forward's reversed)
                     if not take(s, list(reversed(s.keys))):
                         break
         if keys:

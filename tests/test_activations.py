@@ -9,7 +9,6 @@ disk raising an error that names the tier, nothing of the tier in a checkpoint.
 """
 from __future__ import annotations
 
-import copy
 import errno
 import gc
 import os
@@ -21,7 +20,7 @@ from memascend.activations import ActivationTier
 from memascend.errors import ConfigError, PoolExhaustedError, SwapIOError
 from memascend.offload import AdamW, offload_model
 
-from test_offload import llama_steps_match
+from test_offload import llama_steps_match, twin_for_reference
 
 
 def tiny_llama(seed=0):
@@ -37,14 +36,7 @@ def tiny_llama(seed=0):
 @pytest.mark.parametrize("mode", ["ssd", "pinned"])
 @pytest.mark.parametrize("checkpointing", ["none", "reentrant", "non-reentrant"])
 def test_llama_with_activation_tier_is_bitwise(tmp_path, mode, checkpointing):
-    model = tiny_llama()
-    ref = copy.deepcopy(model)
-    if checkpointing != "none":
-        for m in (model, ref):
-            m.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
-    model.train()
-    ref.train()
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, foreach=False)
+    model, ref, opt = twin_for_reference(tiny_llama(), checkpointing)
     budget = "64KiB" if mode == "ssd" else "16MiB"  # ssd: most tensors are read back
     with offload_model(model, str(tmp_path), budget="2MiB", optimizer=AdamW(lr=1e-3),
                        activations=mode, activation_budget=budget) as om:

@@ -88,6 +88,19 @@ def llama_steps_match(om, model, ref, opt, steps, before=None, seq=16):
         assert torch.equal(final[n], p.detach()), n
 
 
+def twin_for_reference(model, checkpointing="none"):
+    """``model``, an in-memory copy of it with ``torch.optim.AdamW(foreach=False)``, both in
+    training mode and with activation checkpointing as named ("none", "reentrant",
+    "non-reentrant"): (model, ref, opt)."""
+    ref = copy.deepcopy(model)
+    if checkpointing != "none":
+        for m in (model, ref):
+            m.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    model.train()
+    ref.train()
+    return model, ref, torch.optim.AdamW(ref.parameters(), lr=1e-3, foreach=False)
+
+
 def test_fp32_mlp_bitwise(tmp_path):
     model, ref = mlp(), mlp()
     data = batches(8)
@@ -167,14 +180,7 @@ def test_llama_tight_budget_saved_views_bitwise(tmp_path, checkpointing):
                                    num_key_value_heads=2, max_position_embeddings=32,
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    ref = copy.deepcopy(model)
-    if checkpointing != "none":
-        for m in (model, ref):
-            m.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
-    model.train()
-    ref.train()
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, foreach=False)
+    model, ref, opt = twin_for_reference(transformers.LlamaForCausalLM(cfg), checkpointing)
     largest = max(p.numel() * 4 for p in model.parameters())
     budget = 3 * largest  # a few weights resident at a time: most are evicted and re-read
     with offload_model(model, str(tmp_path), budget=budget, optimizer_budget="2MiB",
