@@ -244,3 +244,29 @@ def test_drop_in_attaches_a_tier_under_the_nvme_folder_or_refuses(tmp_path):
         assert tier.stats().saved >= 1 and x.grad is not None
     finally:
         tier.close()
+
+
+def test_a_dropped_save_is_never_shared_by_a_later_one(tmp_path):
+    """A holder autograd dropped sits in the deletion queue until collect(); a later save of
+    the same memory in between (e.g. the cyclic GC dropped a graph mid-forward) must not
+    share it: its bytes are about to be deleted."""
+    tier = ActivationTier("ssd", str(tmp_path), budget="1MiB", min_bytes=0)
+    try:
+        x = torch.randn(256, 256, requires_grad=True)
+        h = x * 2
+        with tier.saving():
+            y = h.sin().sum()  # saves h
+        del y  # its holder dies: queued for deletion, not deleted yet
+        collect, tier.collect = tier.collect, lambda: None  # the death lands mid-save
+        try:
+            with tier.saving():
+                z = h.cos().sum()  # saves h again: same memory, same version
+        finally:
+            tier.collect = collect
+        tier.collect()  # the dropped holder's bytes go
+        z.backward()
+        with torch.no_grad():
+            assert torch.equal(x.grad, -h.sin() * 2)
+        assert tier.stats().shared == 0
+    finally:
+        tier.close()
