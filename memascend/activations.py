@@ -18,9 +18,10 @@ both kinds of ``torch.utils.checkpoint`` use for their inputs, so no model code 
 
 Values are copied bit for bit and strides kept, so results are bitwise those of the same run
 without the tier. Not moved: tensors under ``min_bytes``, parameters and views of them (the
-parameter tier re-derives those), tensors that are not dense (a slice with gaps), and tensors
-saved inside backward (a checkpoint's recomputation, used at once). A tensor saved twice
-(same memory, same version) is stored once. A stored tensor is deleted when autograd drops
+parameter tier re-derives those), tensor subclasses and quantized tensors, tensors that are
+not dense (a slice with gaps), and tensors saved inside backward (a checkpoint's
+recomputation, used at once). A tensor saved twice (same memory, same version) is stored
+once. A stored tensor is deleted when autograd drops
 it (after its node ran in backward, or when the graph is freed); the deletion is done by the
 tier's next call (:meth:`ActivationTier.collect`), never on the thread that dropped it.
 The store is scratch (``durable=False``, ``reset=True``): nothing of it is in a checkpoint,
@@ -241,9 +242,15 @@ class ActivationTier:
         self._hooks.pop().__exit__(None, None, None)
 
     def _keep(self, t: torch.Tensor) -> bool:
-        if (t.layout != torch.strided or t.numel() * t.element_size() < self.min_bytes
-                or isinstance(t, torch.nn.Parameter)
+        # tensor subclasses (parameters among them) and quantized tensors carry more than
+        # their bytes; views of parameters are the parameter tier's
+        if (type(t) is not torch.Tensor or t.layout != torch.strided or t.is_quantized
+                or t.numel() * t.element_size() < self.min_bytes
                 or isinstance(t._base, torch.nn.Parameter) or t.is_meta or in_backward()):
+            return True
+        try:
+            t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage (e.g. a functional tensor)
             return True
         return not _dense(t)
 
