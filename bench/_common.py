@@ -1,14 +1,19 @@
-"""Pieces every benchmark under bench/ shares: the CPU's name for the machine record, the
-``--json PATH`` check, writing the JSON document, progress lines on stderr, the median that
+"""Pieces every benchmark under bench/ shares: the machine record (:func:`machine_info`:
+cores, CPU, RAM, kernel, library versions, the swap folder's filesystem), the ``--json PATH``
+check, writing the JSON document, progress lines on stderr, the median that
 tolerates no data, and an argument parser whose errors are one line. Benchmarks run as scripts
 (``python bench/x.py``) that put the repository on ``sys.path``; they import ``bench._common``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
 import math
+import os
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +29,51 @@ def cpu_model() -> str:
                         cpu)
     except OSError:
         return cpu
+
+
+def _mount_of(directory: str) -> Optional[dict[str, str]]:
+    """The mount (device, mount point, filesystem type) that holds ``directory``."""
+    found = None
+    with contextlib.suppress(OSError):
+        dev = os.stat(directory).st_dev
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for ln in f:
+                parts = ln.split()
+                with contextlib.suppress(OSError):
+                    if len(parts) > 2 and os.stat(parts[1]).st_dev == dev:
+                        found = {"device": parts[0], "mount": parts[1], "type": parts[2]}
+    return found
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(directory: Optional[str] = None, **extra: Any) -> dict[str, Any]:
+    """The machine a benchmark ran on, for the record: cores, CPU, RAM, kernel, Python, torch,
+    DeepSpeed and transformers versions, CUDA, the effective uid; with ``directory`` (the swap
+    folder) its mount and free space; ``extra`` entries added as given."""
+    import torch
+
+    from memascend.sysinfo import lockable_bytes, phys_bytes
+
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(), "cpu": cpu_model(), "ram_bytes": phys_bytes(),
+        "lockable_bytes": lockable_bytes(), "kernel": platform.release(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(), "deepspeed": _version("deepspeed"),
+        "transformers": _version("transformers"), "uid": os.geteuid()}
+    if directory is not None:
+        info["swap_dir"] = directory
+        info["swap_fs"] = _mount_of(directory)
+        with contextlib.suppress(OSError):
+            du = shutil.disk_usage(directory)
+            info["disk_free_bytes"], info["disk_total_bytes"] = du.free, du.total
+    info.update(extra)
+    return info
 
 
 def check_json_path(p: argparse.ArgumentParser, path: Optional[str]) -> None:

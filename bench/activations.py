@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._common import (OneLineParser, check_json_path, cpu_model, log,  # noqa: E402
-                           median, write_json)
+from bench._common import (OneLineParser, check_json_path, log,  # noqa: E402
+                           machine_info, median, write_json)
 
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
              rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"peak_rss_ratio_at_longest": longest["peak_rss_ratio"],
                "step_time_ratio": max(r["step_time_ratio"] for r in results),
                "losses_equal": all(r["losses_equal"] for r in results)}
-    doc = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count()},
+    doc = {"machine": machine_info(args.swap_dir or tempfile.gettempdir()),
            "options": {k: v for k, v in vars(args).items() if k != "json"},
            "results": results, "summary": summary}
     print(json.dumps(summary))

@@ -102,7 +102,6 @@ import importlib.metadata
 import importlib.util
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -117,8 +116,8 @@ if str(REPO) not in sys.path:
 
 from bench._cgroup import (CgroupUnavailable, cgroup_root, pid_gone,  # noqa: E402
                            remove_stale_cgroups)
-from bench._common import (OneLineParser as _ArgumentParser, check_json_path, cpu_model,  # noqa: E402
-                           log, write_json)
+from bench._common import (OneLineParser as _ArgumentParser, check_json_path,  # noqa: E402
+                           log, machine_info, write_json)
 from bench._fit_bounds import combine_compute, measure_bandwidth, measure_compute  # noqa: E402
 from bench._fit_children import (CGROUP_PREFIX, DEFAULT_EXT_DIR, LR,  # noqa: E402
                                  deepspeed_floor, deepspeed_ops_prebuilt, run_child)
@@ -246,30 +245,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--swap-dir: {args.swap_dir!r} is not writable")
     check_json_path(p, args.json)
     return args
-
-
-def machine_info(swap_dir: str) -> dict[str, Any]:
-    """Cores, CPU, RAM, kernel, Python, torch and the swap filesystem, for the record."""
-    import torch
-
-    fs = None
-    with contextlib.suppress(OSError):
-        dev = os.stat(swap_dir).st_dev
-        with open("/proc/self/mounts", encoding="utf-8") as f:
-            for ln in f:
-                parts = ln.split()
-                with contextlib.suppress(OSError):
-                    if len(parts) > 2 and os.stat(parts[1]).st_dev == dev:
-                        fs = {"device": parts[0], "mount": parts[1], "type": parts[2]}
-    try:
-        deepspeed_version: Optional[str] = importlib.metadata.version("deepspeed")
-    except importlib.metadata.PackageNotFoundError:
-        deepspeed_version = None
-    return {"cores": os.cpu_count(), "cpu": cpu_model(), "ram_bytes": phys_bytes(),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "deepspeed": deepspeed_version, "swap_dir": swap_dir, "swap_fs": fs,
-            "uid": os.geteuid()}
 
 
 class Interrupted(Exception):

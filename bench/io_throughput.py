@@ -86,7 +86,6 @@ import functools
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -106,9 +105,10 @@ from memascend import PinnedPool  # noqa: E402
 from memascend.config import parse_size  # noqa: E402
 from memascend.engine import IORequest, SwapEngine, probe_backends  # noqa: E402
 from memascend.errors import ConfigError, MemAscendError  # noqa: E402
-from memascend.sysinfo import fmt_bytes, io_uring_sysctl, phys_bytes  # noqa: E402
-from bench._common import (OneLineParser as _ArgumentParser, check_json_path, cpu_model,  # noqa: E402
-                           log, median, write_json)
+from memascend.sysinfo import fmt_bytes, io_uring_sysctl  # noqa: E402
+from bench._common import (OneLineParser as _ArgumentParser, check_json_path,  # noqa: E402
+                           log, machine_info as common_machine_info, median,
+                           write_json)
 
 MiB, GiB = 1 << 20, 1 << 30
 REQUEST_SIZES = (1 * MiB, 8 * MiB)
@@ -544,22 +544,16 @@ def fs_type(directory: str) -> str:
 
 
 def machine_info(directory: str) -> dict[str, Any]:
-    """Cores, CPU, RAM, kernel, Python, torch and disk facts for the record."""
-    import torch
-
-    cpu = cpu_model()
-    du = shutil.disk_usage(directory)
+    """The shared machine record (:func:`bench._common.machine_info`) plus this benchmark's
+    I/O facts: filesystem, the io_uring sysctl, fio and pyuring versions, the load average."""
     try:
         import pyuring
         pyuring_version = getattr(pyuring, "__version__", "?")
     except Exception:
         pyuring_version = None
-    return {"cores": os.cpu_count(), "cpu": cpu, "ram_bytes": phys_bytes(),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__, "directory": directory, "filesystem": fs_type(directory),
-            "disk_free_bytes": du.free, "disk_total_bytes": du.total,
-            "io_uring_disabled_sysctl": io_uring_sysctl(), "fio": fio_version(),
-            "pyuring": pyuring_version, "euid": os.geteuid(), "loadavg_start": os.getloadavg()}
+    return common_machine_info(directory, filesystem=fs_type(directory),
+                               io_uring_disabled_sysctl=io_uring_sysctl(), fio=fio_version(),
+                               pyuring=pyuring_version, loadavg_start=os.getloadavg())
 
 
 # ---------------------------------------------------------------- statistics and report

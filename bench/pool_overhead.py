@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -57,8 +55,8 @@ from memascend import PinnedPool  # noqa: E402
 from memascend.errors import ConfigError  # noqa: E402
 from memascend.shapes import (llama_parameter_shapes,  # noqa: E402
                               load_model_config)
-from memascend.sysinfo import fmt_bytes, phys_bytes  # noqa: E402
-from bench._common import check_json_path, cpu_model, write_json  # noqa: E402
+from memascend.sysinfo import fmt_bytes  # noqa: E402
+from bench._common import check_json_path, machine_info, write_json  # noqa: E402
 
 FULL_MODELS = ("llama-1b", "llama2-7b", "llama2-13b", "llama2-70b")
 QUICK_MODELS = ("llama-tiny", "llama-1b")
@@ -296,16 +294,6 @@ def run_timing(iters: int | None) -> dict[str, Any]:
         raise RuntimeError(f"{shlex.join(cmd)} printed invalid JSON: {exc}") from exc
     out["command"] = shlex.join(cmd)
     return out
-
-
-def machine_info() -> dict[str, Any]:
-    """Cores, CPU, RAM, kernel, Python and torch facts for the record."""
-    import torch
-
-    cpu = cpu_model()
-    return {"cores": os.cpu_count(), "cpu": cpu, "ram_bytes": phys_bytes(),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
 
 
 def print_tables(results: list[dict[str, Any]], timing: dict[str, Any]) -> None:

@@ -66,7 +66,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -84,9 +83,9 @@ if str(REPO) not in sys.path:
 
 from memascend.errors import ConfigError  # noqa: E402
 from memascend.shapes import llama_parameter_shapes, load_model_config  # noqa: E402
-from memascend.sysinfo import fmt_bytes, phys_bytes, proc_status  # noqa: E402
-from bench._common import (OneLineParser as _Parser, check_json_path, cpu_model,  # noqa: E402
-                           log, median as med, write_json)
+from memascend.sysinfo import fmt_bytes, proc_status  # noqa: E402
+from bench._common import (OneLineParser as _Parser, check_json_path, log,  # noqa: E402
+                           machine_info, median as med, write_json)
 
 BF16 = 2
 DEFAULT_MODEL, DEFAULT_LAYERS, QUICK_LAYERS = "llama-1b", 8, 2
@@ -477,32 +476,6 @@ def deepspeed_measured(comp: dict[str, Any], allow_build: bool) -> dict[str, Any
 
 
 # ---------------------------------------------------------------- reporting
-def machine_info(workdir_parent: str) -> dict[str, Any]:
-    """Cores, CPU, RAM, kernel, Python, torch, disk facts for the record."""
-    import torch
-
-    cpu = cpu_model()
-    fs = None
-    try:
-        dev = os.stat(workdir_parent).st_dev
-        with open("/proc/self/mounts", encoding="utf-8") as f:
-            for ln in f:
-                parts = ln.split()
-                if len(parts) > 2 and os.path.isdir(parts[1]):
-                    try:
-                        if os.stat(parts[1]).st_dev == dev:
-                            fs = {"device": parts[0], "mount": parts[1], "type": parts[2]}
-                    except OSError:
-                        pass
-    except OSError:
-        pass
-    from memascend.sysinfo import lockable_bytes
-
-    return {"cores": os.cpu_count(), "cpu": cpu, "ram_bytes": phys_bytes(),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "swap_dir": workdir_parent, "swap_fs": fs, "lockable_bytes": lockable_bytes(),
-            "uid": os.getuid()}
 
 
 def ratio_rows(m: dict[str, Any]) -> dict[str, Any]:

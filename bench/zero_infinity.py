@@ -76,9 +76,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from memascend.shapes import llama_parameter_shapes, parameter_count  # noqa: E402
-from memascend.sysinfo import fmt_bytes, phys_bytes  # noqa: E402
-from bench._common import (OneLineParser as _Parser, check_json_path, cpu_model,  # noqa: E402
-                           log, write_json)
+from memascend.sysinfo import fmt_bytes  # noqa: E402
+from bench._common import (OneLineParser as _Parser, check_json_path, log,  # noqa: E402
+                           machine_info, write_json)
 from bench._zi_report import print_report, summarize  # noqa: E402
 from bench._zi_run import mem_available, run_child  # noqa: E402
 
@@ -159,24 +159,6 @@ def missing(ext_dir: str, optimizer: str) -> str | None:
                     f"to where it is cached, or run `make ds-ops`: a JIT build of async_io "
                     f"takes ~9 min on 2 cores)")
     return None
-
-
-def machine_info(swap_parent: str) -> dict[str, Any]:
-    """Cores, CPU, RAM, kernel, Python and library versions, for the record."""
-    import platform
-
-    import torch
-
-    try:
-        from importlib.metadata import version
-        ds, tf = version("deepspeed"), version("transformers")
-    except Exception:  # noqa: BLE001 - versions are informational
-        ds = tf = None
-    return {"cores": os.cpu_count(), "cpu": cpu_model(), "ram_bytes": phys_bytes(),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": ds, "transformers": tf,
-            "uid": os.getuid(), "swap_dir": swap_parent,
-            "disk_free_bytes": shutil.disk_usage(swap_parent).free}
 
 
 def _positive(p: argparse.ArgumentParser, name: str, v: int, low: int = 1) -> None:
