@@ -12,7 +12,8 @@ sizes are returned to the pool first. A pool capped at a fixed arena (``limit_by
 free buffer goes back so the arena's free space coalesces, and if it still does not fit the
 request is taken from an ``overflow`` pool when there is one (and counted), else refused like
 a full budget. Deciding what to evict, and waiting, is the swapper's
-job: this class never blocks.
+job: this class never blocks. The free lists are :class:`memascend.recycle.FreeLeases`, the
+structure the DeepSpeed drop-in's runtime recycles its leases with too.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from .errors import PoolExhaustedError
 from .extents import round_up
 from .pool import Lease, PinnedPool
+from .recycle import FreeLeases
 
 
 @dataclass
@@ -57,7 +59,7 @@ class BufferPool:
         self.overflow = overflow
         self.budget = budget_bytes
         self.slack = slack
-        self._free: dict[int, list[Lease]] = {}
+        self._free = FreeLeases()  # keyed by size class (= the lease's size)
         self.stats = BufferStats()
 
     @staticmethod
@@ -69,13 +71,11 @@ class BufferPool:
         """A buffer of at least ``nbytes`` (its size class, or a free one up to ``slack``
         larger), or None if the budget is full."""
         size = self.size_class(nbytes)
-        fit = size if self._free.get(size) else min(
-            (s for s, lst in self._free.items() if lst and size < s <= size * (1 + self.slack)),
-            default=None)
-        if fit is not None:
-            self.stats.free_bytes -= fit
+        kept = self._free.take(size, self.slack)
+        if kept is not None:
+            self.stats.free_bytes -= kept.size
             self.stats.leases_reused += 1
-            return self._free[fit].pop()
+            return kept
         if self.stats.pinned_bytes + size > self.budget:
             self._shed(self.stats.pinned_bytes + size - self.budget, keep=size)
         if self.stats.pinned_bytes + size > self.budget:
@@ -103,23 +103,12 @@ class BufferPool:
 
     def put(self, lease: Lease) -> None:
         """Return a buffer to its free list."""
-        self._free.setdefault(lease.size, []).append(lease)
+        self._free.put(lease.size, lease)
         self.stats.free_bytes += lease.size
 
     def _shed(self, need: int, keep: int) -> None:
         """Give free buffers of other size classes back to the pool until ``need`` is freed."""
-        for size in sorted(self._free, reverse=True):
-            if need <= 0:
-                return
-            if size == keep:
-                continue
-            lst = self._free[size]
-            while lst and need > 0:
-                lst.pop().release()
-                self.stats.free_bytes -= size
-                self.stats.pinned_bytes -= size
-                self.stats.leases_returned += 1
-                need -= size
+        self._give_back(self._free.shed(need, keep=keep))
 
     def shed_to(self, budget: int) -> None:
         """Give free buffers back to the pool until at most ``budget`` bytes are held (or
@@ -128,9 +117,12 @@ class BufferPool:
 
     def trim(self) -> None:
         """Give every free buffer back to the pool."""
-        for size, lst in self._free.items():
-            while lst:
-                lst.pop().release()
-                self.stats.free_bytes -= size
-                self.stats.pinned_bytes -= size
-                self.stats.leases_returned += 1
+        self._give_back(self._free.drain())
+
+    def _give_back(self, leases: list[Lease]) -> None:
+        """Release free buffers taken off the free lists to the pinned pool."""
+        for lease in leases:
+            lease.release()
+            self.stats.free_bytes -= lease.size
+            self.stats.pinned_bytes -= lease.size
+            self.stats.leases_returned += 1

@@ -29,6 +29,7 @@ from ...engine import SwapEngine
 from ...files import private_dirs
 from ...extents import round_up
 from ...pool import Lease, PinnedPool
+from ...recycle import FreeLeases
 from ...store import SwapStore
 
 
@@ -59,8 +60,7 @@ class Runtime:
         self.pool = PinnedPool(lock=options.lock or lock)
         self._stores: dict[str, SwapStore] = {}
         self._leases: dict[int, Lease] = {}  # address -> lease, for is_pinned and frees
-        self._spare: dict[int, list[Lease]] = {}  # nbytes -> freed leases kept for reuse
-        self._spare_bytes = 0
+        self._spare = FreeLeases()  # freed leases kept for reuse, keyed by their nbytes
         self._viewed: list[Lease] = []  # freed while still viewed: kept once the views go
         self._in_use = 0  # bytes of leases handed out and not freed
         self._peak = 0  # most bytes in use at once since the last trim()
@@ -112,7 +112,8 @@ class Runtime:
     # views it (DeepSpeed drops its last view of a parameter partition only after the swapper
     # has been told to release it) is never handed out while viewed; it waits in a list, its
     # memory held by the views as it would be anyway, and is kept or released at a later
-    # lease once they are gone. Without that list most partitions were leased afresh.
+    # lease once they are gone. Without that list most partitions were leased afresh. The
+    # kept leases are a memascend.recycle.FreeLeases, the swapper's buffer pool's structure.
     MAX_VIEWED = 256  # leases waiting for their views to go; older ones are released
 
     def _settle_viewed(self) -> list[Lease]:
@@ -131,10 +132,9 @@ class Runtime:
 
     def _keep(self, lease: Lease) -> bool:
         """Keep ``lease`` for reuse if that stays within the peak (caller holds the lock)."""
-        if self._in_use + self._spare_bytes + lease.size > self._peak:
+        if self._in_use + self._spare.bytes + lease.size > self._peak:
             return False
-        self._spare.setdefault(lease.nbytes, []).append(lease)
-        self._spare_bytes += lease.size
+        self._spare.put(lease.nbytes, lease)
         return True
 
     def lease(self, nbytes: int) -> Lease:
@@ -143,26 +143,16 @@ class Runtime:
         n = max(int(nbytes), 1)
         with self._mu:
             settled = self._settle_viewed() if self._viewed else []
-            kept = self._spare.get(n)
-            lease = kept.pop() if kept else None
-            if lease is not None:
-                self._spare_bytes -= lease.size
+            lease = self._spare.take(n)
         for old in settled:
             old.release()
         if lease is None:
             lease = self.pool.lease(n)
-        shed = []
         with self._mu:
             self._leases[lease.address] = lease
             self._in_use += lease.size
             self._peak = max(self._peak, self._in_use)
-            while self._spare_bytes and self._in_use + self._spare_bytes > self._peak:
-                size = max(self._spare, key=lambda k: (bool(self._spare[k]), k))
-                old = self._spare[size].pop()
-                if not self._spare[size]:
-                    del self._spare[size]
-                self._spare_bytes -= old.size
-                shed.append(old)
+            shed = self._spare.shed(self._in_use + self._spare.bytes - self._peak)
         for old in shed:  # kept leases of other sizes give way: the peak is not raised
             old.release()
         return lease
@@ -184,10 +174,8 @@ class Runtime:
     def trim(self) -> None:
         """Release every kept lease and restart the peak from what is in use now."""
         with self._mu:
-            spare = [lease for kept in self._spare.values() for lease in kept] + self._viewed
-            self._spare.clear()
+            spare = self._spare.drain() + self._viewed
             self._viewed = []
-            self._spare_bytes = 0
             self._peak = self._in_use
         for lease in spare:
             lease.release()
@@ -196,7 +184,7 @@ class Runtime:
         """Bytes of leases in use, kept for reuse, the peak in use since the last trim, and
         freed leases still viewed by a tensor (their memory returns with the views)."""
         with self._mu:
-            return {"in_use_bytes": self._in_use, "kept_bytes": self._spare_bytes,
+            return {"in_use_bytes": self._in_use, "kept_bytes": self._spare.bytes,
                     "peak_bytes": self._peak,
                     "viewed_bytes": sum(lease.size for lease in self._viewed)}
 
@@ -216,10 +204,9 @@ class Runtime:
             stores = list(self._stores.values())
             self._stores.clear()
             leases = list(self._leases.values())
-            leases += [lease for kept in self._spare.values() for lease in kept]
+            leases += self._spare.drain()
             leases += self._viewed
             self._leases.clear()
-            self._spare.clear()
             self._viewed = []
         for st in stores:
             st.close()
