@@ -23,6 +23,7 @@ import torch
 from .adam import adamw_update
 from .errors import PoolExhaustedError
 from .overflow import has_inf_or_nan
+from .state_io import acquire_state, release_held
 
 
 @dataclass
@@ -152,7 +153,7 @@ class UpdateJobs:
             self.counts.updates_fused += 1
             del master, state, g
         finally:
-            _release(osw, held)
+            release_held(osw, held)
             if gkey in held and not self.keep_grads:
                 osw.forget(gkey)  # summed in place, not written: not the stored g/<name>
 
@@ -186,29 +187,15 @@ class UpdateJobs:
         self.has_state.add(n)
 
     def _acquire_state(self, n: str, held: list[str]) -> dict[str, torch.Tensor]:
-        """The optimizer-tier state of ``n`` resident: read (reads issued together), or
-        zero-filled moments on the first update. Each key is appended to ``held`` as soon as
-        it is held; the caller releases them."""
-        osw = self.t.optim_sw
+        """The optimizer-tier state of ``n`` resident (:func:`memascend.state_io.acquire_state`:
+        read, or zero-filled moments on the first update). Each key is appended to ``held``
+        as soon as it is held; the caller releases them."""
         keys = ([] if self.fp32 else [f"master/{n}"]) + [f"m/{n}", f"v/{n}"]
-        fresh = n not in self.has_state
-        handles = []
-        for k in keys:
-            if fresh and not k.startswith("master/"):
-                handles.append((k, None))
-            else:
-                held.append(k)
-                handles.append((k, osw.swap_in(k)))
-        out = {}
-        for k, h in handles:
-            if h is None:
-                out[k] = osw.create(k)
-                held.append(k)
-            else:
-                t0 = time.perf_counter()
-                out[k] = h.wait()
-                self.counts.read_wait_seconds += time.perf_counter() - t0
-        return out
+        fresh = keys[-2:] if n not in self.has_state else ()
+        return acquire_state(self.t.optim_sw, keys, held, fresh, on_wait=self._read_waited)
+
+    def _read_waited(self, seconds: float) -> None:
+        self.counts.read_wait_seconds += seconds
 
     def _blocked(self) -> tuple[bool, int]:
         """Whether the compute thread waits for an update not yet done (so its holds cannot
@@ -260,16 +247,7 @@ class UpdateJobs:
             self.counts.updates_in_step += 1
             del master, state, g, p_view
         finally:
-            _release(osw, held)
+            release_held(osw, held)
             if p_held:
-                _release(t.params_sw, [f"p/{n}"])
+                release_held(t.params_sw, [f"p/{n}"])
             osw.forget(gkey)  # scaled in place: not the stored g/<name> any more
-
-
-def _release(sw: Any, keys: list[str]) -> None:
-    """Give back held keys; a key whose read failed is no longer held (nothing to give)."""
-    for key in keys:
-        try:
-            sw.release(key)
-        except ValueError:
-            pass

@@ -31,6 +31,7 @@ from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 from ...adam import adamw_update
 from ...errors import MemAscendError
 from ...sizing import ma_stream_tier_budget
+from ...state_io import acquire_state, release_held
 from ...swapper import TensorSwapper
 from .grads import zero_outside
 from .optim import _StoreBacked
@@ -302,21 +303,19 @@ class StreamingOptimizerSwapper(_StoreBacked):
                     self.sw.prefetch([self._key(next_ds_id, "master", 0)])
                 grad = grad_lease.as_tensor(torch.float32, n)
                 self._grad(ds_id, k, a, grad, grad_of, inv_scale)
-                master = self.sw.swap_in(self._key(ds_id, "master", k)).wait()
-                if fresh:
-                    zeros = torch.zeros(n, dtype=torch.float32)
-                    self.sw.swap_out(self._key(ds_id, "m", k), zeros, release=False)
-                    self.sw.swap_out(self._key(ds_id, "v", k), zeros, release=False)
-                    del zeros
-                m = self.sw.swap_in(self._key(ds_id, "m", k)).wait()
-                v = self.sw.swap_in(self._key(ds_id, "v", k)).wait()
-                _adam_update(self.optimizer, group, step, master, grad, m, v)
-                lp_out.piece(parts, a, master)
-                for kind, t in (("master", master), ("m", m), ("v", v)):
-                    self.sw.swap_out(self._key(ds_id, kind, k), t)  # write-behind, no copy
-                del master, m, v, grad, t  # no view may outlive its release
-                for kind in ("master", "m", "v"):
-                    self.sw.release(self._key(ds_id, kind, k))
+                mk, m_k, v_k = (self._key(ds_id, kind, k) for kind in ("master", "m", "v"))
+                held: list[str] = []
+                try:
+                    state = acquire_state(self.sw, (mk, m_k, v_k), held,
+                                          fresh=(m_k, v_k) if fresh else ())
+                    _adam_update(self.optimizer, group, step, state[mk], grad, state[m_k],
+                                 state[v_k])
+                    lp_out.piece(parts, a, state[mk])
+                    for key, t in state.items():
+                        self.sw.swap_out(key, t)  # write-behind from its own buffer, no copy
+                    del state, grad, t  # no view may outlive its release
+                finally:
+                    release_held(self.sw, held)
         finally:
             self.rt.free(grad_lease)
         self.sw.wait_idle(self.sw.config.wait_timeout)
