@@ -66,10 +66,15 @@ def _coerce(cls: type, field: dataclasses.Field, raw: str, key: str) -> Any:
             return False
         raise ConfigError(key, f"expected a boolean, got {raw!r}")
     args = typing.get_args(typ) or (typ,)
+    if text.lower() in ("", "none") and type(None) in args:
+        return None
     if int in args:
-        if text.lower() in ("", "none") and type(None) in args:
-            return None
         return parse_size(key, text)
+    if float in args:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {raw!r}") from None
     return text
 
 

@@ -37,20 +37,20 @@ import torch
 from . import activations as act_tier
 from . import module_hooks, offload_checkpoint
 from .adam import AdamW
-from .config import parse_size
+from .config import from_env, parse_size
 from .engine import SwapEngine
 from .errors import ConfigError, MemAscendError
 from .files import private_dirs
 from .fused import FusedAdam
 from .heap import release_free, set_mmap_threshold
-from .offload_types import LossScaler, OffloadStats
-from .offload_setup import (PLAIN_MMAP_THRESHOLD, check_budgets, check_options, meta_parameters,
+from .offload_types import LossScaler, OffloadOptions, OffloadStats
+from .offload_setup import (check_budgets, check_options, meta_parameters,
                             tier_pools, write_parameters)
 from .overflow import has_inf_or_nan as _has_inf_or_nan  # noqa: F401 - kept importable here
 from .pool import PinnedPool
 from .param_tier import ParamTier
 from .saved_views import SavedParamViews
-from .sizing import OFFLOAD_DEFAULT_BUDGET, offload_queue_bytes
+from .sizing import offload_queue_bytes
 from .store import SwapStore
 from .swapper import TensorSwapper
 
@@ -68,19 +68,14 @@ class OffloadedModel:
     """
 
     def __init__(self, model: torch.nn.Module, swap_dir: str, *,
-                 budget: Any = OFFLOAD_DEFAULT_BUDGET,
-                 optimizer_budget: Any = None, optimizer: Optional[AdamW] = None,
-                 compute_dtype: Any = torch.float32, loss_scaler: Optional[LossScaler] = None,
+                 optimizer: Optional[AdamW] = None, loss_scaler: Optional[LossScaler] = None,
                  engine: Optional[SwapEngine] = None, pool: Optional[PinnedPool] = None,
-                 init: Optional[Callable[[torch.nn.Module], None]] = None,
-                 accumulation_steps: Optional[int] = None,
-                 max_grad_norm: Optional[float] = None, fused_step: bool = True,
-                 heap_mmap_threshold: int = PLAIN_MMAP_THRESHOLD,
-                 host_threads: Optional[int] = None, overlap_step: bool = True,
-                 exact_undo: bool = True, activations: Optional[str] = None,
-                 activation_budget: Any = act_tier.DEFAULT_BUDGET):
-        compute_dtype = check_options(compute_dtype, accumulation_steps, max_grad_norm,
-                                      heap_mmap_threshold, host_threads)
+                 init: Optional[Callable[[torch.nn.Module], None]] = None, **options: Any):
+        o = from_env(OffloadOptions, "OFFLOAD", options)
+        compute_dtype = check_options(o.compute_dtype, o.accumulation_steps, o.max_grad_norm,
+                                      o.heap_mmap_threshold, o.host_threads)
+        budget, optimizer_budget, heap_mmap_threshold = \
+            o.budget, o.optimizer_budget, o.heap_mmap_threshold
         previous = getattr(model, "_memascend_offloaded_to", None)
         if previous is not None:
             raise ConfigError("model", f"is already offloaded to {previous} (its parameters are "
@@ -117,9 +112,9 @@ class OffloadedModel:
         self._opened: list[Any] = []
         self.activations: Optional[act_tier.ActivationTier] = None
         try:
-            if activations is not None:
+            if o.activations is not None:
                 self.activations = self._open(act_tier.ActivationTier(
-                    activations, self.swap_dir, budget=activation_budget, engine=self.engine,
+                    o.activations, self.swap_dir, budget=o.activation_budget, engine=self.engine,
                     overflow_pool=self.bounce_pool))
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
                                                     engine=self.engine, pool=self.bounce_pool,
@@ -137,12 +132,12 @@ class OffloadedModel:
                                                      budget_bytes=opt_b, plan_prefetch=False,
                                                      overflow_pool=self.bounce_pool))
             self._setup_params(init)
-            self._fused = FusedAdam(self, list(self._params), self.opt, accumulation_steps,
-                                    max_grad_norm, fused_step,
+            self._fused = FusedAdam(self, list(self._params), self.opt, o.accumulation_steps,
+                                    o.max_grad_norm, o.fused_step,
                                     queue_bytes=offload_queue_bytes(
                                         [math.prod(v) for v in self._shapes.values()], opt_b),
-                                    host_threads=host_threads, overlap=bool(overlap_step),
-                                    exact_undo=bool(exact_undo))
+                                    host_threads=o.host_threads, overlap=bool(o.overlap_step),
+                                    exact_undo=bool(o.exact_undo))
             self._opened.append(self._fused)
             self._tier = ParamTier(self._params, self.params_sw, compute_dtype,
                                    self._backward_event, lambda: self._fused.busy,
@@ -503,39 +498,16 @@ def offload_model(model: torch.nn.Module, swap_dir: str, **options: Any) -> Offl
     swap_dir:
         Folder for the two swap tiers (``params.swp``, ``optim.swp`` and their metadata).
     **options:
-        ``budget`` (pinned bytes of the parameter tier, default 1 GiB),
-        ``optimizer_budget`` (default: ``budget``), ``optimizer`` (:class:`AdamW`),
-        ``compute_dtype`` (``torch.float32``/``bfloat16``/``float16``), ``loss_scaler``,
+        ``optimizer`` (:class:`AdamW`), ``loss_scaler`` (:class:`LossScaler`, fp16),
         ``engine``, ``pool`` (default: one arena sized to the budgets, see
-        :class:`OffloadedModel`), ``init``;
-        ``accumulation_steps`` (micro-batches per optimizer step; default None: learned
-        from the first window, which runs as a two-phase step, and fused windows then also
-        store their gradients, 4 B/parameter, so that a longer window can be undone. Declare
-        it to save those bytes; a longer window is then an error);
-        ``max_grad_norm`` (clip the global gradient norm before the update, exactly as
-        ``torch.nn.utils.clip_grad_norm_``; default None);
-        ``fused_step`` (default True; False runs every step as a two-phase step after
-        backward);
-        ``heap_mmap_threshold`` (default 128 KiB: glibc maps heap requests of this size or
-        more on their own, so freed tensors leave RSS, process-wide, see
-        :mod:`memascend.heap`; 0 leaves glibc's dynamic threshold alone: fewer page faults,
-        more RSS);
-        ``host_threads`` (threads of the optimizer worker's AdamW kernels; default torch's
-        intra-op thread count);
-        ``overlap_step`` (default True: the updates that cannot be fused into backward, in
-        deferred and clipped windows, run on the worker after :meth:`OffloadedModel.step`
-        returns, while the next forward goes on, each module's forward waiting only for its
-        own parameters; False: ``step()`` returns when they are done);
-        ``exact_undo`` (default True: a step's updates keep the old versions aside until
-        they are committed, so the SSD holds about twice the state during a step; False:
-        each update is committed as it is made, about 1.1x, and nothing can be undone:
-        clipped and fp16 windows run two-phase, a longer window or ``zero_grad()`` before
-        ``step()`` is an error, a failed update leaves the step partly applied; see
-        :class:`memascend.fused.FusedAdam`);
-        ``activations`` (``"ssd"``, ``"pinned"`` or None, the default: where the tensors the
-        model's forward saves for backward wait, see :mod:`memascend.activations`; with
-        activation checkpointing, the checkpoints' inputs) and ``activation_budget``
-        (its pinned bytes, default 64 MiB).
+        :class:`OffloadedModel`), ``init`` (below); and the fields of
+        :class:`~memascend.offload_types.OffloadOptions`, each described there: ``budget``
+        (pinned bytes of the parameter tier, default 1 GiB), ``optimizer_budget``,
+        ``compute_dtype``, ``accumulation_steps``, ``max_grad_norm``, ``fused_step``,
+        ``heap_mmap_threshold``, ``host_threads``, ``overlap_step``, ``exact_undo``,
+        ``activations``, ``activation_budget``. A field not given comes from
+        ``MEMASCEND_OFFLOAD_<FIELD>`` when set; an unknown option or variable is a
+        ``ConfigError`` (:mod:`memascend.config`).
 
     Parameters on the ``meta`` device (see :func:`meta_parameters`) are materialized one
     module at a time: allocated on the CPU, filled by ``init(module)`` (default

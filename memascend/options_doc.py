@@ -1,8 +1,8 @@
 """``docs/options.md``, generated from the code: every option and environment variable.
 
 Each component's options are the fields of one frozen dataclass (defaults and descriptions
-come from the class and its docstring); ``offload_model``'s are the keyword arguments of
-:class:`memascend.offload.OffloadedModel`; the environment variables are the per-field
+come from the class and its docstring; ``offload_model``'s scalar options are
+:class:`memascend.offload_types.OffloadOptions`); the environment variables are the per-field
 ``MEMASCEND_<SECTION>_<FIELD>`` overrides of :mod:`memascend.config` and the few read
 elsewhere (:data:`ENVIRONMENT`). ``python -m memascend.options_doc > docs/options.md`` writes
 the page; ``tests/test_options_doc.py`` fails when the page and the code disagree, and when
@@ -24,11 +24,15 @@ SECTIONS = (
      "`SwapEngine(**options)` or `SwapEngine(config=EngineConfig(...))`"),
     ("Swap store", "memascend.store_config", "StoreConfig", "MEMASCEND_STORE_",
      "`SwapStore(path, **options)` or `SwapStore(path, config=StoreConfig(...))`"),
-    ("Tensor swapper", "memascend.swapper", "SwapperConfig", None,
+    ("Tensor swapper", "memascend.swapper", "SwapperConfig", "MEMASCEND_SWAPPER_",
      "`TensorSwapper(store, budget_bytes=..., **options)`"),
-    ("DeepSpeed drop-in", "memascend.dropin_options", "Options", None,
+    ("DeepSpeed drop-in", "memascend.dropin_options", "Options", "MEMASCEND_DROPIN_",
      "`memascend.integrations.deepspeed.enable(**options)`, a `\"memascend\": {...}` block "
-     "in the DeepSpeed config (it wins), or `memascend run --set KEY=VALUE`"),
+     "in the DeepSpeed config (it wins over everything), or `memascend run --set KEY=VALUE`"),
+    ("offload_model", "memascend.offload_types", "OffloadOptions", "MEMASCEND_OFFLOAD_",
+     "`memascend.offload_model(model, swap_dir, **options)`; besides these it takes the "
+     "objects `optimizer` (`memascend.AdamW`), `loss_scaler`, `engine`, `pool` and `init` "
+     "(`help(memascend.offload_model)`)"),
 )
 
 #: Environment variables read outside the per-field overrides: name -> what it does.
@@ -100,21 +104,6 @@ def _section(title: str, module: str, name: str, env: Optional[str], how: str) -
     return lines + [""]
 
 
-def _offload_section() -> list[str]:
-    from .offload import OffloadedModel
-
-    sig = inspect.signature(OffloadedModel.__init__)
-    lines = ["## offload_model", "",
-             "`memascend.offload_model(model, swap_dir, **options)`: what each does is in its "
-             "docstring (`help(memascend.offload_model)`).", "",
-             "| option | default |", "|---|---|"]
-    for p in sig.parameters.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        lines.append(f"| `{p.name}` | {_default(p.default)} |")
-    return lines + [""]
-
-
 def render() -> str:
     """The whole page."""
     lines = ["# Options and environment variables", "",
@@ -126,7 +115,6 @@ def render() -> str:
              "an unknown option or `MEMASCEND_<SECTION>_*` variable is an error.", ""]
     for sec in SECTIONS:
         lines += _section(*sec)
-    lines += _offload_section()
     lines += ["## Other environment variables", "", "| variable | what it does |", "|---|---|"]
     for name, what in ENVIRONMENT.items():
         lines.append(f"| `{name}` | {_cell(what)} |")

@@ -38,6 +38,7 @@ from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 from .buffers import BufferPool
+from .config import from_env
 from .errors import ConfigError, KeyNotFoundError, PoolExhaustedError
 from .handle import SwapHandle
 from .pool import Lease, PinnedPool
@@ -65,13 +66,15 @@ class TensorSwapper(Loading, Prefetching):
         Where a buffer comes from when ``pool`` is capped and too fragmented for it (see
         :class:`~memascend.buffers.BufferPool`; default: the request waits or fails).
     **options:
-        Other :class:`SwapperConfig` fields.
+        Other :class:`SwapperConfig` fields; a field not given comes from
+        ``MEMASCEND_SWAPPER_<FIELD>`` when set (:mod:`memascend.config`; an unknown option or
+        variable is a ``ConfigError``).
     """
 
     def __init__(self, store: SwapStore, pool: Optional[PinnedPool] = None, *,
                  budget_bytes: Any, overflow_pool: Optional[PinnedPool] = None,
                  **options: Any):
-        self.config = SwapperConfig(budget_bytes=budget_bytes, **options)
+        self.config = from_env(SwapperConfig, "SWAPPER", dict(options, budget_bytes=budget_bytes))
         self.store = store
         self.pool = pool if pool is not None else store.pool
         self.buffers = BufferPool(self.pool, self.config.budget_bytes, overflow=overflow_pool)

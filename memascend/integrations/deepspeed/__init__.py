@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ...config import from_env
 from ...errors import ConfigError
 from . import patches, state
 from .runtime import Options, current_runtime, shutdown
@@ -55,11 +56,12 @@ def enable(**options: Any) -> None:
     ----------
     **options:
         Fields of :class:`~.runtime.Options` (``backend``, ``lock``, ``param_budget``,
-        ``checksum``, ``heap_mmap_threshold``, ...); a ``"memascend"`` block in the DeepSpeed
-        config overrides them. Unless ``heap_mmap_threshold`` is 0 (here or in the block),
-        the first ``zero.Init`` or ``deepspeed.initialize`` after this also fixes glibc's
-        mmap threshold for the whole process (:mod:`memascend.heap`), so freed tensors
-        leave RSS instead of staying in the heap.
+        ``checksum``, ``heap_mmap_threshold``, ...); a field not given comes from
+        ``MEMASCEND_DROPIN_<FIELD>`` when set (:mod:`memascend.config`); a ``"memascend"``
+        block in the DeepSpeed config overrides them all. Unless ``heap_mmap_threshold`` is
+        0 (here or in the block), the first ``zero.Init`` or ``deepspeed.initialize`` after
+        this also fixes glibc's mmap threshold for the whole process (:mod:`memascend.heap`),
+        so freed tensors leave RSS instead of staying in the heap.
 
     Raises
     ------
@@ -70,7 +72,7 @@ def enable(**options: Any) -> None:
     ImportError
         DeepSpeed is not installed.
     """
-    base = Options.merged(Options(), options)
+    base = from_env(Options, "DROPIN", options)
     if not patches.installed():
         problems = patches.check()
         if problems:

@@ -1,0 +1,88 @@
+"""Every user-facing option object goes through memascend.config's registry: the swapper,
+offload_model and the DeepSpeed drop-in take a field that was not given from
+MEMASCEND_<SECTION>_<FIELD>, an explicit argument wins over it (and the drop-in's config block
+over both), and an unknown option or variable is a ConfigError naming it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memascend import offload_model
+from memascend.errors import ConfigError
+from memascend.store import SwapStore
+from memascend.swapper import TensorSwapper
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = SwapStore(str(tmp_path / "s.swp"))
+    yield st
+    st.close()
+
+
+def test_swapper_reads_its_environment_and_explicit_wins(store, monkeypatch):
+    monkeypatch.setenv("MEMASCEND_SWAPPER_MAX_DEPTH", "7")
+    monkeypatch.setenv("MEMASCEND_SWAPPER_PLAN_PREFETCH", "off")
+    with TensorSwapper(store, budget_bytes="1MiB") as sw:
+        assert sw.config.max_depth == 7 and sw.config.plan_prefetch is False
+    with TensorSwapper(store, budget_bytes="1MiB", max_depth=9) as sw:
+        assert sw.config.max_depth == 9
+
+
+def test_swapper_unknown_option_or_variable_is_an_error(store, monkeypatch):
+    with pytest.raises(ConfigError, match="max_dept.*unknown option"):
+        TensorSwapper(store, budget_bytes="1MiB", max_dept=3)
+    monkeypatch.setenv("MEMASCEND_SWAPPER_MAX_DEPT", "3")
+    with pytest.raises(ConfigError, match="MEMASCEND_SWAPPER_MAX_DEPT.*unknown option"):
+        TensorSwapper(store, budget_bytes="1MiB")
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+
+
+def test_offload_model_reads_its_environment_and_explicit_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_EXACT_UNDO", "0")
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_MAX_GRAD_NORM", "0.5")
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_BUDGET", "2MiB")
+    with offload_model(_mlp(), str(tmp_path / "a")) as om:
+        assert om._fused.undo is False and om._fused.max_grad_norm == 0.5
+        assert om.params_sw.config.budget_bytes == 2 << 20
+    with offload_model(_mlp(), str(tmp_path / "b"), exact_undo=True, budget="3MiB") as om:
+        assert om._fused.undo is True and om.params_sw.config.budget_bytes == 3 << 20
+
+
+def test_offload_model_bad_or_unknown_option_is_an_error(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="exact_und.*unknown option"):
+        offload_model(_mlp(), str(tmp_path / "a"), exact_und=False)
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_MAX_GRAD_NORM", "lots")
+    with pytest.raises(ConfigError, match="MEMASCEND_OFFLOAD_MAX_GRAD_NORM.*number"):
+        offload_model(_mlp(), str(tmp_path / "b"))
+    monkeypatch.delenv("MEMASCEND_OFFLOAD_MAX_GRAD_NORM")
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_EXACTUNDO", "0")
+    with pytest.raises(ConfigError, match="MEMASCEND_OFFLOAD_EXACTUNDO"):
+        offload_model(_mlp(), str(tmp_path / "c"))
+
+
+def test_dropin_reads_its_environment_below_enable_and_the_block(monkeypatch):
+    pytest.importorskip("deepspeed")
+    import memascend.integrations.deepspeed as ma_ds
+    from memascend.dropin_options import Options
+    from memascend.integrations.deepspeed import state
+
+    ma_ds.disable()
+    try:
+        monkeypatch.setenv("MEMASCEND_DROPIN_CHECKSUM", "none")
+        monkeypatch.setenv("MEMASCEND_DROPIN_OPTIMIZER_CHUNK", "8MiB")
+        ma_ds.enable(optimizer_chunk="4MiB")
+        base = state.base_options()
+        assert base.checksum == "none" and base.optimizer_chunk == 4 << 20
+        assert Options.merged(base, {"checksum": "crc32c"}).checksum == "crc32c"
+        ma_ds.disable()
+        monkeypatch.setenv("MEMASCEND_DROPIN_CHEKSUM", "none")
+        with pytest.raises(ConfigError, match="MEMASCEND_DROPIN_CHEKSUM"):
+            ma_ds.enable()
+        assert not ma_ds.enabled()
+    finally:
+        ma_ds.disable()
