@@ -96,6 +96,21 @@ def parse_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def _offload_takes(option: str) -> bool:
+    """Whether the offload_model of this checkout takes ``option`` (its OffloadOptions
+    fields; before those existed, OffloadedModel's keyword arguments)."""
+    try:
+        import dataclasses
+
+        from memascend.offload_types import OffloadOptions
+        return option in {f.name for f in dataclasses.fields(OffloadOptions)}
+    except ImportError:
+        import inspect
+
+        from memascend.offload import OffloadedModel
+        return option in inspect.signature(OffloadedModel.__init__).parameters
+
+
 def run_child(kind: str, cfg: dict[str, Any], args: Any, workdir: str) -> dict[str, Any]:
     """One training run in a fresh process; its record."""
     out = os.path.join(workdir, f"{kind}.json")
@@ -212,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     if args.pairs < 1 or args.steps <= args.warmup:
         p.error("--pairs must be >= 1 and --steps > --warmup")
-    import inspect
-
-    from memascend.offload import OffloadedModel
-
-    if "accumulation_steps" in inspect.signature(OffloadedModel.__init__).parameters:
+    if _offload_takes("accumulation_steps"):
         args.offload_options.setdefault("accumulation_steps", 1)  # declared: see docs/offload.md
     base = args.swap_dir or str(REPO / "bench" / "out")
     os.makedirs(base, exist_ok=True)

@@ -3,7 +3,6 @@ its own allocations), memascend's drop-in budgets, and the plain path against a 
 ``offload_model`` run (pinned peaks, bytes on SSD, bytes moved per step)."""
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import subprocess
@@ -170,11 +169,11 @@ def test_parse_deepspeed_config_bad_values_name_the_key(cfg, key):
 
 
 def test_plain_budget_defaults_match_offload_model():
-    from memascend.offload import OffloadedModel
+    from memascend.offload_types import OffloadOptions
 
-    params = inspect.signature(OffloadedModel.__init__).parameters
-    assert parse_size("budget", params["budget"].default) == sz.OFFLOAD_DEFAULT_BUDGET
-    assert params["optimizer_budget"].default is None  # i.e. the same as budget
+    defaults = OffloadOptions()
+    assert parse_size("budget", defaults.budget) == sz.OFFLOAD_DEFAULT_BUDGET
+    assert defaults.optimizer_budget is None  # i.e. the same as budget
     assert sz.offload_budgets() == (1 << 30, 1 << 30)
     assert sz.offload_budgets(64 * MIB) == (64 * MIB, 64 * MIB)
     assert sz.offload_budgets(64 * MIB, 128 * MIB) == (64 * MIB, 128 * MIB)

@@ -15,7 +15,8 @@ from .common import OFFLOAD_DEFAULT_BUDGET, round_up
 def offload_budgets(budget: Optional[int] = None,
                     optimizer_budget: Optional[int] = None) -> tuple[int, int]:
     """The two pinned budgets ``offload_model`` uses: ``budget`` (default 1 GiB) and
-    ``optimizer_budget`` (default: ``budget``), as ``OffloadedModel.__init__`` resolves them."""
+    ``optimizer_budget`` (default: ``budget``), as ``offload_model`` resolves them
+    (:class:`memascend.offload_types.OffloadOptions`)."""
     b = OFFLOAD_DEFAULT_BUDGET if budget is None else int(budget)
     return b, (int(optimizer_budget) if optimizer_budget else b)
 
