@@ -106,11 +106,12 @@ def _sliceable(*tensors: Any) -> bool:
 
 
 def _sliced_adamw(param: Any, grad: Any, m: Any, v: Any, step: Any, *, lr: float,
-                  betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+                  betas: tuple[float, float], eps: float, weight_decay: float,
+                  chunk: int = CHUNK) -> None:
     """Torch's single-tensor AdamW step (``torch.optim.adam._single_tensor_adam`` with
     decoupled weight decay, no amsgrad, not capturable), the same operations in the same
-    order, a slice at a time, with one ``CHUNK``-element scratch tensor for the denominator
-    instead of two full-size temporaries."""
+    order, a slice of ``chunk`` elements at a time, with one scratch tensor for the
+    denominator instead of two full-size temporaries."""
     import torch
 
     beta1, beta2 = betas
@@ -123,8 +124,9 @@ def _sliced_adamw(param: Any, grad: Any, m: Any, v: Any, step: Any, *, lr: float
     scratch = getattr(_SCRATCH, "t", None)
     if scratch is None:  # one per thread, kept: a fresh one would be mapped every time
         scratch = _SCRATCH.t = torch.empty(CHUNK, dtype=torch.float32)
-    for a in range(0, n, CHUNK):
-        w = min(CHUNK, n - a)
+    chunk = min(chunk, CHUNK)
+    for a in range(0, n, chunk):
+        w = min(chunk, n - a)
         ps, gs, ms, vs = (t.narrow(0, a, w) for t in (p, g, m1, m2))
         denom = scratch[:w]
         if weight_decay != 0:
@@ -144,7 +146,8 @@ _AGREE_MU = threading.Lock()
 def _slices_agree() -> bool:
     """Whether the sliced form gives torch's bits in this process (checked once: three
     steps on tensors that span several slices and end in a partial one, with and without
-    weight decay)."""
+    weight decay; small slices, so the check costs about a millisecond: the operations are
+    elementwise, the slice size does not change an element's bits)."""
     global _AGREE
     if _AGREE is not None:
         return _AGREE
@@ -162,7 +165,8 @@ def _check_slices() -> bool:
     import torch
 
     gen = torch.Generator().manual_seed(20261206)
-    n = 2 * CHUNK + 1031
+    chunk = 4096
+    n = 2 * chunk + 1031
     for wd in (0.0, 0.01):
         ours = [torch.randn(n, generator=gen) for _ in range(2)]
         ours += [torch.zeros(n), torch.zeros(n), torch.tensor(0.0)]
@@ -172,7 +176,7 @@ def _check_slices() -> bool:
             ours[1].copy_(grad)
             ref[1].copy_(grad)
             hp = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-            _sliced_adamw(ours[0], ours[1], ours[2], ours[3], ours[4], **hp)
+            _sliced_adamw(ours[0], ours[1], ours[2], ours[3], ours[4], chunk=chunk, **hp)
             _torch_adamw(ref[0], ref[1], ref[2], ref[3], ref[4], **hp)
         if not all(torch.equal(a, b) for a, b in zip(ours, ref)):
             return False
