@@ -238,13 +238,27 @@ class FusedAdam(UpdateJobs):
         self.micro += 1
         last = self.window_len is not None and self.micro >= self.window_len
         if last and self.mode is None:
-            clip_predicted = self.max_grad_norm is not None and self._clipped_last
-            # without undo, fuse only where nothing could need undoing: no clipping, no fp16
-            undoable = self.undo or (self.max_grad_norm is None and not self.fp16)
-            fuse = self.fused and not clip_predicted and not self.overflow and undoable
-            self.mode = "fused" if fuse else "deferred"
+            self.mode = "fused" if self._would_fuse() else "deferred"
         self.in_final = last and self.mode == "fused"
         self.deferred_last = last and self.mode == "deferred"
+
+    def _would_fuse(self) -> bool:
+        """Whether a window's last backward starting now would fuse its updates."""
+        clip_predicted = self.max_grad_norm is not None and self._clipped_last
+        # without undo, fuse only where nothing could need undoing: no clipping, no fp16
+        undoable = self.undo or (self.max_grad_norm is None and not self.fp16)
+        return self.fused and not clip_predicted and not self.overflow and undoable
+
+    def expects_fused_backward(self) -> bool:
+        """Whether the next backward is expected to end a fused window, with no update of
+        the last step still to run (a forward's read-ahead of moments can then only help).
+        A guess: begin_backward() decides."""
+        with self._mu:
+            if self._lazy:
+                return False
+        if self.final_done or self.window_len is None or self.micro + 1 < self.window_len:
+            return False
+        return self.mode == "fused" or (self.mode is None and self._would_fuse())
 
     def end_backward(self) -> None:
         """The backward pass is over."""
@@ -254,14 +268,19 @@ class FusedAdam(UpdateJobs):
 
     def wants_state(self, name: str) -> list[str]:
         """Optimizer-tier keys worth reading ahead when ``name``'s module starts backward."""
-        if not self.in_final or name not in self.has_state:
+        if not self.in_final:
             return []
-        keys = [f"m/{name}", f"v/{name}"]
-        if not self.fp32:
-            keys.insert(0, f"master/{name}")
-        if name in self.accumulated:
+        keys = self.state_keys(name)
+        if keys and name in self.accumulated:
             keys.insert(0, f"g/{name}")
         return keys
+
+    def state_keys(self, name: str) -> list[str]:
+        """``name``'s stored optimizer state (master when not fp32, m, v); none before its
+        first update."""
+        if name not in self.has_state:
+            return []
+        return ([] if self.fp32 else [f"master/{name}"]) + [f"m/{name}", f"v/{name}"]
 
     # ---- hand-over from backward (compute thread) ----
     def grad_ready(self, name: str, grad: torch.Tensor, view: Optional[torch.Tensor],

@@ -48,6 +48,7 @@ from .offload_setup import (check_budgets, check_options, meta_parameters,
                             tier_pools, write_parameters)
 from .overflow import has_inf_or_nan as _has_inf_or_nan  # noqa: F401 - kept importable here
 from .pool import PinnedPool
+from .readahead import ForwardReadAhead
 from .param_tier import ParamTier
 from .saved_views import SavedParamViews
 from .sizing import offload_queue_bytes
@@ -139,6 +140,9 @@ class OffloadedModel:
                                     host_threads=o.host_threads, overlap=bool(o.overlap_step),
                                     exact_undo=bool(o.exact_undo))
             self._opened.append(self._fused)
+            self._readahead = ForwardReadAhead(self._shapes, self._fused.state_keys,
+                                               self._fused.expects_fused_backward,
+                                               self.optim_sw.prefetch, opt_b // 2)
             self._tier = ParamTier(self._params, self.params_sw, compute_dtype,
                                    self._backward_event, lambda: self._fused.busy,
                                    self._fused.drain)
@@ -203,6 +207,8 @@ class OffloadedModel:
         if hold == "fwd":
             self._fused.await_updates(names)
         self._tier.fetch(names, hold)
+        if hold == "fwd" and not self._in_bwd:  # not a recomputation inside backward
+            self._readahead.fetched(names)  # may read the next backward's state ahead
 
     def release_forward(self, names: list[str]) -> None:
         """A module's forward is done with ``names``."""
@@ -226,6 +232,7 @@ class OffloadedModel:
         if not self._in_bwd:
             self._in_bwd = True
             self._fused.begin_backward()
+            self._readahead.backward_starts()
         if not self._bwd_callback_queued:
             self._bwd_callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
