@@ -312,7 +312,7 @@ class ActivationTier:
             saved.lease.as_tensor(t.dtype, (t.numel(),)).copy_(flat)
             return
         per = max(1, self.piece_bytes // t.element_size())
-        sw = self.swapper
+        sw, what = self.swapper, saved.describe()
         for i in range(math.ceil(t.numel() / per)):
             key, start = f"a/{saved.seq}/{i}", i * per
             n = min(per, t.numel() - start)
@@ -321,9 +321,9 @@ class ActivationTier:
                 sw.register(key, (n,), t.dtype)
                 h = sw.swap_out(key, flat[start:start + n], release=False)
             except SwapIOError as e:
-                raise self._error(saved.describe(), key, e) from e
+                raise self._error(what, key, e) from e
             with self._lock:
-                self._writes.append((saved.seq, saved.describe(), key, h))
+                self._writes.append((saved.seq, what, key, h))
         self._check_writes()
 
     def _error(self, what: str, key: str, e: SwapIOError) -> SwapIOError:
