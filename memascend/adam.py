@@ -146,8 +146,9 @@ _AGREE_MU = threading.Lock()
 def _slices_agree() -> bool:
     """Whether the sliced form gives torch's bits in this process (checked once: three
     steps on tensors that span several slices and end in a partial one, with and without
-    weight decay; small slices, so the check costs about a millisecond: the operations are
-    elementwise, the slice size does not change an element's bits)."""
+    weight decay; about 100 K elements, a few milliseconds: the operations are elementwise,
+    so the slice size does not change an element's bits unless a kernel's scalar and vector
+    code differ, which the odd slice size would show)."""
     global _AGREE
     if _AGREE is not None:
         return _AGREE
@@ -165,8 +166,12 @@ def _check_slices() -> bool:
     import torch
 
     gen = torch.Generator().manual_seed(20261206)
-    chunk = 4096
-    n = 2 * chunk + 1031
+    # Slices that are not a multiple of any vector width, each above torch's parallel grain
+    # (32768 elements), so that thread splits and scalar tails fall at other elements than in
+    # torch's whole-tensor pass: where a kernel's scalar and vector code differed, this
+    # would see it.
+    chunk = 40961
+    n = 2 * chunk + 17431
     for wd in (0.0, 0.01):
         ours = [torch.randn(n, generator=gen) for _ in range(2)]
         ours += [torch.zeros(n), torch.zeros(n), torch.tensor(0.0)]

@@ -66,7 +66,7 @@ def _coerce(cls: type, field: dataclasses.Field, raw: str, key: str) -> Any:
             return False
         raise ConfigError(key, f"expected a boolean, got {raw!r}")
     args = typing.get_args(typ) or (typ,)
-    if text.lower() in ("", "none") and type(None) in args:
+    if text.lower() in ("", "none") and (type(None) in args or field.default is None):
         return None
     if int in args:
         return parse_size(key, text)
@@ -79,7 +79,7 @@ def _coerce(cls: type, field: dataclasses.Field, raw: str, key: str) -> Any:
 
 
 def from_env(cls: type[T], section: str, overrides: Mapping[str, Any] | None = None,
-             environ: Mapping[str, str] | None = None) -> T:
+             environ: Mapping[str, str] | None = None, *, given: bool = False) -> T:
     """Build ``cls`` from its defaults, ``MEMASCEND_<SECTION>_*`` variables, then overrides.
 
     Parameters
@@ -89,7 +89,9 @@ def from_env(cls: type[T], section: str, overrides: Mapping[str, Any] | None = N
     section:
         The upper-case section name in the variable names, e.g. ``"POOL"``.
     overrides:
-        Explicit options; ``None`` values mean "not given".
+        Explicit options; ``None`` values mean "not given", unless ``given``: then
+        ``overrides`` holds only what the caller passed, and an explicit ``None`` wins over
+        the environment too (``offload_model(activations=None)``).
     environ:
         The environment to read (default ``os.environ``).
 
@@ -114,8 +116,12 @@ def from_env(cls: type[T], section: str, overrides: Mapping[str, Any] | None = N
     for name, value in (overrides or {}).items():
         if name not in names:
             raise ConfigError(name, f"unknown option; known: {', '.join(sorted(names))}")
-        if value is not None:
+        if value is not None or given:
             values[name] = value
+    missing = [f.name for f in names.values() if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(missing[0], f"required ({section.lower()} option)")
     return cls(**values)
 
 

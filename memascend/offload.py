@@ -72,7 +72,7 @@ class OffloadedModel:
                  optimizer: Optional[AdamW] = None, loss_scaler: Optional[LossScaler] = None,
                  engine: Optional[SwapEngine] = None, pool: Optional[PinnedPool] = None,
                  init: Optional[Callable[[torch.nn.Module], None]] = None, **options: Any):
-        o = from_env(OffloadOptions, "OFFLOAD", options)
+        o = from_env(OffloadOptions, "OFFLOAD", options, given=True)
         compute_dtype = check_options(o.compute_dtype, o.accumulation_steps, o.max_grad_norm,
                                       o.heap_mmap_threshold, o.host_threads)
         budget, optimizer_budget, heap_mmap_threshold = \
@@ -207,7 +207,8 @@ class OffloadedModel:
         if hold == "fwd":
             self._fused.await_updates(names)
         self._tier.fetch(names, hold)
-        if hold == "fwd" and not self._in_bwd:  # not a recomputation inside backward
+        if hold == "fwd" and not self._in_bwd and torch.is_grad_enabled():
+            # a training forward (not a recomputation inside backward, not an evaluation)
             self._readahead.fetched(names)  # may read the next backward's state ahead
 
     def release_forward(self, names: list[str]) -> None:

@@ -74,7 +74,8 @@ class TensorSwapper(Loading, Prefetching):
     def __init__(self, store: SwapStore, pool: Optional[PinnedPool] = None, *,
                  budget_bytes: Any, overflow_pool: Optional[PinnedPool] = None,
                  **options: Any):
-        self.config = from_env(SwapperConfig, "SWAPPER", dict(options, budget_bytes=budget_bytes))
+        self.config = from_env(SwapperConfig, "SWAPPER", dict(options, budget_bytes=budget_bytes),
+                               given=True)
         self.store = store
         self.pool = pool if pool is not None else store.pool
         self.buffers = BufferPool(self.pool, self.config.budget_bytes, overflow=overflow_pool)

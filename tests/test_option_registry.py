@@ -86,3 +86,31 @@ def test_dropin_reads_its_environment_below_enable_and_the_block(monkeypatch):
         assert not ma_ds.enabled()
     finally:
         ma_ds.disable()
+
+
+def test_explicit_none_wins_over_the_environment(tmp_path, monkeypatch, store):
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_MAX_GRAD_NORM", "0.5")
+    with offload_model(_mlp(), str(tmp_path / "a"), max_grad_norm=None) as om:
+        assert om._fused.max_grad_norm is None  # the caller said: no clipping
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_OPTIMIZER_BUDGET", "none")  # Optional[Any] field
+    monkeypatch.delenv("MEMASCEND_OFFLOAD_MAX_GRAD_NORM")
+    with offload_model(_mlp(), str(tmp_path / "b"), budget="2MiB") as om:
+        assert om.optim_sw.config.budget_bytes == 2 << 20  # none: the same as budget
+    monkeypatch.setenv("MEMASCEND_SWAPPER_BUDGET_BYTES", "1MiB")
+    with pytest.raises(ConfigError, match="budget_bytes"):
+        TensorSwapper(store, budget_bytes=None)  # a typed error, not the environment's value
+
+
+def test_a_required_option_missing_is_a_config_error():
+    from dataclasses import dataclass
+
+    from memascend.config import from_env
+
+    @dataclass(frozen=True)
+    class Opts:
+        size: int
+        depth: int = 2
+
+    with pytest.raises(ConfigError, match="size.*required"):
+        from_env(Opts, "TESTOPTS", {}, environ={})
+    assert from_env(Opts, "TESTOPTS", {}, environ={"MEMASCEND_TESTOPTS_SIZE": "4KiB"}).size == 4096

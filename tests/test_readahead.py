@@ -74,3 +74,20 @@ def test_offload_model_reads_moments_ahead_in_forward_and_stays_bitwise(tmp_path
             assert loss.item() == want.item()
         assert om._readahead.order and om._readahead.issued_bytes > 0
         assert om.optim_sw.stats().wasted_prefetches == 0
+
+
+def test_evaluation_forward_does_not_use_up_the_read_ahead(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    with offload_model(model, str(tmp_path), budget="2MiB", accumulation_steps=1) as om:
+        for _ in range(2):
+            model(torch.randn(2, 16)).sum().backward()
+            om.step()
+            om.zero_grad()
+        before = om._readahead.issued_bytes
+        with torch.no_grad():
+            model(torch.randn(2, 16))  # evaluation: no backward follows
+        assert om._readahead.issued_bytes == before
+        model(torch.randn(2, 16)).sum().backward()  # the training forward still reads ahead
+        om.step()
+        assert om._readahead.issued_bytes > before

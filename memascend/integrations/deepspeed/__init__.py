@@ -72,7 +72,7 @@ def enable(**options: Any) -> None:
     ImportError
         DeepSpeed is not installed.
     """
-    base = from_env(Options, "DROPIN", options)
+    base = from_env(Options, "DROPIN", options, given=True)
     if not patches.installed():
         problems = patches.check()
         if problems:

@@ -11,7 +11,8 @@ the tier's one swap area) and steps it piece by piece through a budgeted
 written behind, new state is zero-filled one piece at a time. Gradients are not swapped: stage
 3 keeps every gradient partition in its flat buffer until the step, and each piece copies its
 slice from there; or, with ``stream_grads``, :mod:`.grads` has written them as pieces
-``{ds_id}/g/{k}`` during backward and the step reads each with its master and moments. The updated master is converted into the compute-dtype parameters as each
+``{ds_id}/g/{k}`` during backward and the step reads each with its master and moments. The
+updated master is converted into the compute-dtype parameters as each
 piece finishes (a parameter on NVMe is staged whole in the compute dtype, then written).
 
 Pieces start at multiples of the piece size within the sub-group, and DeepSpeed's Adam
@@ -305,6 +306,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
                 self._grad(ds_id, k, a, grad, grad_of, inv_scale)
                 mk, m_k, v_k = (self._key(ds_id, kind, k) for kind in ("master", "m", "v"))
                 held: list[str] = []
+                state: dict[str, Any] = {}
                 try:
                     state = acquire_state(self.sw, (mk, m_k, v_k), held,
                                           fresh=(m_k, v_k) if fresh else ())
@@ -313,8 +315,9 @@ class StreamingOptimizerSwapper(_StoreBacked):
                     lp_out.piece(parts, a, state[mk])
                     for key, t in state.items():
                         self.sw.swap_out(key, t)  # write-behind from its own buffer, no copy
-                    del state, grad, t  # no view may outlive its release
+                    del grad, t
                 finally:
+                    state.clear()  # no view may outlive its release, on an error either
                     release_held(self.sw, held)
         finally:
             self.rt.free(grad_lease)
