@@ -25,7 +25,10 @@ SECTIONS = (
     ("Swap store", "memascend.store_config", "StoreConfig", "MEMASCEND_STORE_",
      "`SwapStore(path, **options)` or `SwapStore(path, config=StoreConfig(...))`"),
     ("Tensor swapper", "memascend.swapper", "SwapperConfig", "MEMASCEND_SWAPPER_",
-     "`TensorSwapper(store, budget_bytes=..., **options)`"),
+     "`TensorSwapper(store, budget_bytes=..., **options)`. The variables reach every "
+     "swapper, also those `offload_model`, the activation tier and the drop-in build, for "
+     "the fields they do not set (each sets `budget_bytes`, so its variable only serves "
+     "swappers of your own)"),
     ("DeepSpeed drop-in", "memascend.dropin_options", "Options", "MEMASCEND_DROPIN_",
      "`memascend.integrations.deepspeed.enable(**options)`, a `\"memascend\": {...}` block "
      "in the DeepSpeed config (it wins over everything), or `memascend run --set KEY=VALUE`"),
