@@ -174,11 +174,13 @@ class FusedAdam(UpdateJobs):
     def _keys(self, name: str) -> list[tuple[Any, Any, str]]:
         """(swapper, store, key) of the state an update rewrites."""
         t = self.t
-        out = [(t.params_sw, t.param_store, f"p/{name}")]
-        if not self.fp32:
-            out.append((t.optim_sw, t.optim_store, f"master/{name}"))
-        out += [(t.optim_sw, t.optim_store, f"{k}/{name}") for k in ("m", "v")]
-        return out
+        return [(t.params_sw, t.param_store, f"p/{name}")] + \
+            [(t.optim_sw, t.optim_store, key) for key in self.optim_keys(name)]
+
+    def optim_keys(self, name: str) -> list[str]:
+        """``name``'s keys in the optimizer tier that an update reads and rewrites: its fp32
+        master when the compute dtype is not fp32, then m and v."""
+        return ([] if self.fp32 else [f"master/{name}"]) + [f"m/{name}", f"v/{name}"]
 
     @property
     def keep_grads(self) -> bool:
@@ -278,9 +280,7 @@ class FusedAdam(UpdateJobs):
     def state_keys(self, name: str) -> list[str]:
         """``name``'s stored optimizer state (master when not fp32, m, v); none before its
         first update."""
-        if name not in self.has_state:
-            return []
-        return ([] if self.fp32 else [f"master/{name}"]) + [f"m/{name}", f"v/{name}"]
+        return self.optim_keys(name) if name in self.has_state else []
 
     # ---- hand-over from backward (compute thread) ----
     def grad_ready(self, name: str, grad: torch.Tensor, view: Optional[torch.Tensor],

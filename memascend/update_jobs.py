@@ -190,8 +190,8 @@ class UpdateJobs:
         """The optimizer-tier state of ``n`` resident (:func:`memascend.state_io.acquire_state`:
         read, or zero-filled moments on the first update). Each key is appended to ``held``
         as soon as it is held; the caller releases them."""
-        keys = ([] if self.fp32 else [f"master/{n}"]) + [f"m/{n}", f"v/{n}"]
-        fresh = keys[-2:] if n not in self.has_state else ()
+        keys = self.optim_keys(n)
+        fresh = keys[-2:] if n not in self.has_state else ()  # m and v start at zero
         return acquire_state(self.t.optim_sw, keys, held, fresh, on_wait=self._read_waited)
 
     def _read_waited(self, seconds: float) -> None:
