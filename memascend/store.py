@@ -27,12 +27,14 @@ Safety rules:
   are; other memory (any tensor, bytes) is bounced through aligned leases in chunks.
 - One process at a time: the metadata folder is locked (flock).
 
-Three parts live in modules of their own: how the area's space is placed, grown and reused
+Four parts live in modules of their own: how the area's space is placed, grown and reused
 (:mod:`memascend.store_space`), the checkpoint exchange, export and import
-(:mod:`memascend.store_exchange`), and reading (:mod:`memascend.store_read`).
+(:mod:`memascend.store_exchange`), reading (:mod:`memascend.store_read`) and writing
+(:mod:`memascend.store_write`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import fcntl
@@ -40,37 +42,26 @@ import os
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-from . import _native
 from .config import resolve
 from .engine import SwapEngine
 from .errors import (ConfigError, KeyNotFoundError, MetadataError, StoreLockedError,
                      SwapIOError)
 from .extents import ALIGN, ExtentAllocator, round_up
 from .files import private_open
-from .handle import SwapHandle
 from .manifest import Entry, Manifest
 from .pool import PinnedPool
 from .store_config import StoreConfig, StoreStats
 from .store_exchange import Exchange, place_entries, read_export
-from .store_read import Reading, _memory_of, crc32c
-from .store_space import AreaSpace
+from .store_read import Reading, crc32c
+from .store_space import AreaSpace, _Write
+from .store_write import Writing, _keyed
 
 __all__ = ["SwapStore", "StoreConfig", "StoreStats", "crc32c", "read_export", "place_entries"]
 
 
-def _keyed(err: MetadataError, key: str) -> MetadataError:
-    """``err`` naming the key whose change it refused."""
-    if err.key == key:
-        return err
-    out = MetadataError(err.strerror, path=err.path or "", offset=err.offset,
-                        nbytes=err.nbytes, key=key, code=err.errno or errno.EIO)
-    out.__cause__ = err
-    return out
-
-
-class SwapStore(AreaSpace, Exchange, Reading):
+class SwapStore(Writing, AreaSpace, Exchange, Reading):
     """Tensors by key in one swap area (see the module docstring).
 
     Parameters
@@ -139,8 +130,12 @@ class SwapStore(AreaSpace, Exchange, Reading):
         self._deferred: list[tuple[int, int]] = []
         self._quarantine: list[tuple[int, int]] = []
         self._tombstones: dict[str, int] = {}  # key -> seq of its delete
-        self._counts = {"writes": 0, "reads": 0, "bytes_written": 0, "bytes_read": 0,
-                        "write_errors": 0, "read_errors": 0,
+        self._queue: collections.deque[_Write] = collections.deque()  # see store_space
+        self._draining = False
+        self._inflight_bytes = 0
+        self._freeing = 0
+        self._counts = {"writes": 0, "writes_waited": 0, "reads": 0, "bytes_written": 0,
+                        "bytes_read": 0, "write_errors": 0, "read_errors": 0,
                         "checksum_failures": 0, "bounced_bytes": 0, "syncs": 0}
         self._closed = False
 
@@ -236,156 +231,6 @@ class SwapStore(AreaSpace, Exchange, Reading):
         with self._mu:
             self._pending -= 1
             self._mu.notify_all()
-
-    # ---- writing ----
-    def write(self, key: str, src: Any, *, dtype: Optional[str] = None,
-              shape: Optional[Iterable[int]] = None, nbytes: Optional[int] = None) -> SwapHandle:
-        """Store ``src`` (a Lease, a contiguous CPU tensor or a bytes-like) under ``key``.
-
-        The handle's result is the number of bytes stored. ``src`` must not change until the
-        handle is done. dtype/shape are recorded (taken from a tensor when not given).
-        ``nbytes`` stores only the first ``nbytes`` of ``src`` (e.g. a recycled lease).
-
-        Raises
-        ------
-        SwapIOError
-            No space (ENOSPC) or the area cannot grow; raised at once, nothing changed. The
-            handle fails with one when the write or its journal append fails: the key keeps
-            its previous version, also after a reopen.
-        MetadataError
-            An earlier journal append failed and could not be cut back, so the store takes
-            no more writes (reads still work); reopen it.
-        ValueError
-            Bad key or source.
-        """
-        self._check_open()
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"key must be a non-empty string, got {key!r}")
-        addr, have, room, keep, t_dtype, t_shape = _memory_of(src, writable=False)
-        if nbytes is None:
-            nbytes = have
-        elif not 0 < nbytes <= have:
-            raise ValueError(f"nbytes={nbytes} for {key!r}, but the source holds {have} bytes")
-        if nbytes <= 0:
-            raise ValueError(f"nothing to store for {key!r}: {nbytes} bytes")
-        dtype = dtype if dtype is not None else t_dtype
-        shape_t = tuple(int(s) for s in shape) if shape is not None else t_shape
-        with self._mu:
-            self._check_writable(key)
-            offset = self._allocate(key, nbytes)
-            self._seq += 1
-            seq = self._seq
-        # crc: with checksums on, computed on the completion thread (_write_done)
-        entry = Entry(key, offset, nbytes, dtype, shape_t, None, seq)
-        rounded = round_up(nbytes)
-        aligned = addr % ALIGN == 0
-        self._begin()
-        try:
-            if aligned and room is not None and room >= rounded:
-                inner = self.engine.write(self._file, addr, rounded, offset, key=key)
-            else:
-                inner = self._bounced(key, "write", addr, nbytes, offset, keep,
-                                      direct_len=nbytes // ALIGN * ALIGN if aligned else 0)
-        except BaseException:
-            with self._mu:
-                self._alloc.free(offset, nbytes)
-            self._end()
-            raise
-        out = SwapHandle(f"write of {key!r}")
-        inner.add_done_callback(lambda h: self._write_done(h, entry, out, keep, addr))
-        return out
-
-    def _write_done(self, h: SwapHandle, entry: Entry, out: SwapHandle, keep: Any,
-                    addr: int) -> None:
-        exc = h.exception(0)
-        if exc is None and self.config.checksum == "crc32c":
-            # The source may not change before the handle is done (write's contract), so its
-            # checksum now is that of the bytes written; computing it here keeps it off the
-            # caller's thread.
-            entry = dataclasses.replace(entry, crc=crc32c(addr, entry.nbytes))
-        try:
-            with self._mu:
-                if exc is not None:
-                    self._alloc.free(entry.offset, entry.nbytes)  # nothing points to it
-                    self._counts["write_errors"] += 1
-                else:
-                    cur = self._table.get(entry.key)
-                    newer = (cur is not None and cur.seq > entry.seq) or \
-                        self._tombstones.get(entry.key, 0) > entry.seq
-                    if newer:  # a newer write, or a delete issued after this write, won
-                        self._release_extent(entry.offset, entry.nbytes)
-                        self._counts["writes"] += 1
-                        self._counts["bytes_written"] += entry.nbytes
-                    else:
-                        try:
-                            self._check_writable(entry.key)
-                            self._manifest.append({"seq": entry.seq, "op": "put",
-                                                   "entry": entry.to_json()})
-                        except OSError as err:
-                            # Not acknowledged: the append was cut back (or the manifest
-                            # refuses appends), so no record points at the extent.
-                            self._alloc.free(entry.offset, entry.nbytes)
-                            self._counts["write_errors"] += 1
-                            exc = _keyed(err, entry.key) if isinstance(err, MetadataError) \
-                                else self._err(err.errno or errno.EIO, f"journal append "
-                                               f"failed: {err}", entry.key, entry.offset,
-                                               entry.nbytes)
-                        else:
-                            self._table[entry.key] = entry
-                            self._tombstones.pop(entry.key, None)
-                            if cur is not None:
-                                self._release_extent(cur.offset, cur.nbytes)
-                            self._counts["writes"] += 1
-                            self._counts["bytes_written"] += entry.nbytes
-        finally:
-            self._end()
-        if exc is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result(entry.nbytes)
-
-    def _bounced(self, key: str, op: str, addr: int, nbytes: int, offset: int, keep: Any,
-                 direct_len: int = 0) -> SwapHandle:
-        """Move ``nbytes`` through aligned bounce leases, in chunks, on a helper thread.
-
-        The first ``direct_len`` bytes (aligned memory, whole blocks) go directly.
-        """
-        out = SwapHandle(f"{op} of {key!r} (bounced)")
-        ffi, _lib = _native.require()
-
-        def run() -> None:
-            try:
-                if direct_len:
-                    if op == "write":
-                        self.engine.write(self._file, addr, direct_len, offset, key=key).wait()
-                    else:
-                        self.engine.read(self._file, addr, direct_len, offset, key=key).wait()
-                done = direct_len
-                chunk = self.config.bounce_bytes
-                while done < nbytes:
-                    n = min(chunk, nbytes - done)
-                    with self.pool.lease(round_up(n)) as lease:
-                        src = ffi.cast("char *", addr + done)
-                        dst = ffi.cast("char *", lease.address)
-                        if op == "write":
-                            ffi.memmove(dst, src, n)
-                            if round_up(n) > n:
-                                ffi.memmove(dst + n, b"\0" * (round_up(n) - n), round_up(n) - n)
-                            self.engine.write(self._file, lease.address, round_up(n),
-                                              offset + done, key=key).wait()
-                        else:
-                            self.engine.read(self._file, lease.address, round_up(n),
-                                             offset + done, key=key).wait()
-                            ffi.memmove(src, dst, n)
-                    done += n
-                with self._mu:
-                    self._counts["bounced_bytes"] += nbytes - direct_len
-                out.set_result(nbytes)
-            except BaseException as exc:
-                out.set_exception(exc)
-
-        self._bg.submit(run)
-        return out
 
     # ---- table ----
     def info(self, key: str) -> Entry:

@@ -57,6 +57,13 @@ class StoreConfig:
         bytes and one overwrite in flight. For scratch tiers whose durable copy is a
         checkpoint (``offload_model`` uses it): on a virtio disk here each fsync of a training
         step's writes took 0.5 s.
+    write_window:
+        A non-durable store that finds no free extent for a write waits for the overwrites
+        in flight to free their old versions, rather than grow the area, while at least this
+        many bytes of writes are in flight (default 32 MiB, enough to keep an NVMe drive
+        busy). The caller does not wait: the write is queued and started when room frees up.
+        0 never grows while an overwrite in flight could make room; a very large value
+        turns the queue off (the area then grows by every overwrite in flight).
     bounce_bytes:
         Chunk size for bouncing unaligned memory through aligned leases (default 8 MiB).
     meta_dir:
@@ -70,6 +77,7 @@ class StoreConfig:
     grow_bytes: int = 256 << 20
     sync_slack: float = 1.0
     durable: bool = True
+    write_window: int = 32 << 20
     bounce_bytes: int = 8 << 20
     meta_dir: Optional[str] = None
 
@@ -84,6 +92,7 @@ class StoreConfig:
         if not 0 <= slack <= 16:
             raise ConfigError("sync_slack", f"must be in [0, 16], got {self.sync_slack}")
         object.__setattr__(self, "sync_slack", slack)
+        object.__setattr__(self, "write_window", parse_size("write_window", self.write_window))
         for key in ("grow_bytes", "bounce_bytes"):
             v = parse_size(key, getattr(self, key))
             if v < ALIGN:
@@ -101,7 +110,8 @@ class StoreStats:
     """A snapshot of a store's counters (bytes unless named otherwise).
 
     ``writes`` / ``reads`` count completed requests; ``bytes_written`` / ``bytes_read`` the
-    tensor bytes they moved (a ``read_range`` counts its range).
+    tensor bytes they moved (a ``read_range`` counts its range); ``writes_waited`` the
+    writes that waited for overwrites in flight to free room instead of growing the area.
     """
 
     keys: int
@@ -114,6 +124,7 @@ class StoreStats:
     reads: int
     bytes_written: int
     bytes_read: int
+    writes_waited: int
     write_errors: int
     read_errors: int
     checksum_failures: int

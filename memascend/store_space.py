@@ -8,14 +8,25 @@ little ahead (:data:`GROW_AHEAD_DIV`, never into space the filesystem cannot spa
 of it is in flight; a non-durable store frees it then, a durable one quarantines it until the
 next sync (fsync of the area and the journal), reclaimed when it exceeds ``sync_slack`` of the
 stored bytes or when growing fails.
+
+A non-durable store also keeps its area close to what it holds while overwrites stream in:
+when a write finds no free extent but the overwrites in flight will free enough room once
+they land, it waits for them in a first-in, first-out queue instead of growing the area, as
+long as at least ``write_window`` bytes of writes are in flight (so the disk stays busy). The
+caller never blocks: :meth:`SwapStore.write` returns its handle at once, and a queued write
+is started from the store's helper thread when room frees up. Without this, every overwrite
+in flight needs its own room, and the area grows by the write-behind of the tiers above it.
 """
 from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from .errors import SwapIOError
 from .extents import ALIGN, round_up
+from .handle import SwapHandle
 
 GROW_RESERVE_SHARE = 0.05  # speculative growth leaves this share of the filesystem free ...
 GROW_RESERVE_MAX = 1 << 30  # ... or this much, whichever is less
@@ -23,8 +34,100 @@ GROW_AHEAD_DIV = 16  # growing ahead adds at most 1/16 of the area (the area sta
 GROW_AHEAD_MIN = 1 << 20  # ~1.06x of what it needs), but at least 1 MiB
 
 
+@dataclass(eq=False)
+class _Write:
+    """One write of :meth:`SwapStore.write`, from its call until it lands."""
+
+    key: str
+    addr: int
+    nbytes: int
+    room: Optional[int]
+    keep: Any
+    dtype: Optional[str]
+    shape: tuple
+    out: SwapHandle
+    seq: int = 0
+    frees: int = 0  # bytes of the old version its landing releases (an overwrite)
+
+
 class AreaSpace:
     """Extent placement, growth and reuse of :class:`~memascend.store.SwapStore`."""
+
+    def _place_or_queue(self, job: _Write) -> Optional[int]:
+        """An extent for ``job`` (lock held), or None when it was queued to wait for the
+        overwrites in flight (see the module docstring). Raises as :meth:`_allocate` does."""
+        off = None
+        if not self._queue:
+            off = self._alloc.alloc(job.nbytes)
+            if off is None and not self._waits(job.nbytes):
+                off = self._allocate(job.key, job.nbytes)
+        if off is None:
+            self._queue.append(job)
+            self._counts["writes_waited"] += 1
+            return None
+        self._launched(job)
+        return off
+
+    def _waits(self, nbytes: int) -> bool:
+        """Whether a write of ``nbytes`` finding no free extent should wait rather than grow
+        the area (lock held): only in a non-durable store (a durable one quarantines what
+        overwrites release until the next sync), only while at least ``write_window`` bytes
+        of writes are in flight, and only when what they will release, with what is free,
+        could hold it."""
+        if self.config.durable or self._inflight_bytes < self.config.write_window:
+            return False
+        return self._freeing > 0 and self._freeing + self._alloc.free_bytes >= round_up(nbytes)
+
+    def _launched(self, job: _Write) -> None:
+        """``job`` got its extent and is about to start (lock held)."""
+        cur = self._table.get(job.key)
+        job.frees = round_up(cur.nbytes) if cur is not None else 0
+        self._inflight_bytes += round_up(job.nbytes)
+        self._freeing += job.frees
+
+    def _landed(self, job: _Write) -> None:
+        """``job``'s I/O is over, done or failed (lock held): queued writes may go now."""
+        self._inflight_bytes -= round_up(job.nbytes)
+        self._freeing -= job.frees
+        self._kick()
+
+    def _kick(self) -> None:
+        """Start the queued writes that fit, on the helper thread (lock held)."""
+        if self._queue and not self._draining:
+            self._draining = True
+            self._bg.submit(self._drain)
+
+    def _drain(self) -> None:
+        """Place and start queued writes in order until one has to wait again. A write that
+        cannot be placed at all (ENOSPC, the journal refusing) fails its handle."""
+        start: list[tuple[_Write, int]] = []
+        failed: list[tuple[_Write, BaseException]] = []
+        with self._mu:
+            self._draining = False
+            while self._queue:
+                job = self._queue[0]
+                off = self._alloc.alloc(job.nbytes)
+                if off is None:
+                    if self._waits(job.nbytes):
+                        break
+                    try:
+                        self._check_writable(job.key)
+                        off = self._allocate(job.key, job.nbytes)
+                    except Exception as exc:  # noqa: BLE001 - handed to the caller's handle
+                        self._queue.popleft()
+                        failed.append((job, exc))
+                        continue
+                self._queue.popleft()
+                self._launched(job)
+                start.append((job, off))
+        for job, off in start:
+            try:
+                self._launch(job, off)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller's handle
+                failed.append((job, exc))
+        for job, exc in failed:
+            self._end()
+            job.out.set_exception(exc)
 
     def _allocate(self, key: str, nbytes: int) -> int:
         """An extent for ``nbytes`` (store lock held): reuse free space; reclaim quarantined
@@ -139,6 +242,7 @@ class AreaSpace:
             self._quarantine.append((offset, nbytes))
         else:
             self._alloc.free(offset, nbytes)
+            self._kick()
 
     def _pin(self, offset: int) -> None:
         """Keep the extent at ``offset`` from being reused while it is read (lock held)."""

@@ -36,7 +36,8 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from test_store_crash import content
 from memascend.store import SwapStore
-store = SwapStore(sys.argv[1], grow_bytes="4MiB", durable=sys.argv[3] == "1")
+store = SwapStore(sys.argv[1], grow_bytes="4MiB", durable=sys.argv[3] == "1",
+                  write_window=int(sys.argv[4]))
 v = 0
 while True:
     v += 1
@@ -48,13 +49,15 @@ while True:
 """
 
 
-@pytest.mark.parametrize("durable", [True, False])
+@pytest.mark.parametrize("durable,window", [(True, 32 << 20), (False, 32 << 20), (False, 0)])
 @pytest.mark.parametrize("delay", [0.02, 0.3, 0.9])
-def test_sigkill_mid_write(tmp_path, delay, durable):
+def test_sigkill_mid_write(tmp_path, delay, durable, window):
     """Durable stores reuse an old extent after a sync; non-durable ones as soon as the
-    record of its replacement is appended: both survive a kill with every key whole."""
+    record of its replacement is appended (with ``write_window=0`` writes also wait in the
+    store's queue for that room): all survive a kill with every key whole."""
     path = str(tmp_path / "swap")
-    child = subprocess.Popen([sys.executable, "-c", CHILD, path, HERE, "1" if durable else "0"],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, path, HERE, "1" if durable else "0",
+                              str(window)],
                              stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
