@@ -2,12 +2,14 @@
 
 The swap area is one range of bytes (a file that grows, or a block device). Extents are
 4096-aligned, sized to the rounded tensor size, chosen best-fit among free extents; a freed
-extent merges with free neighbours, so the area does not splinter. The allocator only does
+extent merges with free neighbours, so the area does not splinter; a tensor that no free
+extent holds may be given several (:meth:`ExtentAllocator.alloc_spans`). The allocator only does
 arithmetic: growing the file and deciding when freed space may be reused are the store's job.
 """
 from __future__ import annotations
 
 import bisect
+from typing import Optional
 
 ALIGN = 4096
 
@@ -63,6 +65,29 @@ class ExtentAllocator:
             bisect.insort(self._starts, best + need)
         self.free_bytes -= need
         return best
+
+    def alloc_spans(self, nbytes: int, min_span: int,
+                    max_spans: int) -> Optional[tuple[tuple[int, int], ...]]:
+        """Room for ``round_up(nbytes)`` bytes in several free extents, for when no single
+        one fits: the largest first, each at least ``min_span`` bytes (smaller holes are not
+        worth a request), at most ``max_spans`` of them; ``(offset, length)`` pairs in the
+        order they hold the bytes, or None (nothing taken) when they cannot."""
+        need = round_up(nbytes)
+        holes = sorted(((n, o) for o, n in self._free.items() if n >= min_span),
+                       reverse=True)[:max_spans]
+        if sum(n for n, _o in holes) < need:
+            return None
+        spans = []
+        left = need
+        for n, o in holes:
+            take = min(n, left)
+            spans.append((o, take))
+            left -= take
+            if not left:
+                break
+        for o, take in spans:
+            self.reserve(o, take)
+        return tuple(spans)
 
     def reserve(self, offset: int, nbytes: int) -> None:
         """Mark ``[offset, offset+round_up(nbytes))`` used (when reloading a manifest).

@@ -44,7 +44,13 @@ _truncate = os.ftruncate
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one key lives: ``nbytes`` at ``offset``; dtype/shape as given at write time."""
+    """Where one key lives: ``nbytes`` at ``offset``; dtype/shape as given at write time.
+
+    A key whose area had no free extent large enough lies in several: ``extents`` lists
+    them in the order of the key's bytes, as ``(offset, length)`` pairs of 4096-aligned
+    lengths adding up to ``nbytes`` rounded up to 4096 (``offset`` is the first one's).
+    None for a key in one extent (the record then looks as it always did).
+    """
 
     key: str
     offset: int
@@ -53,11 +59,22 @@ class Entry:
     shape: Optional[tuple[int, ...]]
     crc: Optional[int]
     seq: int
+    extents: Optional[tuple[tuple[int, int], ...]] = None
+
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """The ``(offset, length)`` extents holding the key's bytes, in order."""
+        if self.extents is not None:
+            return self.extents
+        return ((self.offset, -(-self.nbytes // 4096) * 4096),)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = asdict(self)
         d["shape"] = list(self.shape) if self.shape is not None else None
+        if self.extents is None:
+            del d["extents"]
+        else:
+            d["extents"] = [list(x) for x in self.extents]
         return d
 
     @classmethod
@@ -85,8 +102,19 @@ class Entry:
                 (shape is not None and (not isinstance(shape, list) or
                                         any(not isinstance(s, int) or s < 0 for s in shape))):
             raise ValueError(f"not a valid entry: {json.dumps(d)[:200]}")
+        extents = d.get("extents")
+        if extents is not None:
+            if not isinstance(extents, list) or not extents or \
+                    any(not isinstance(x, list) or len(x) != 2 or
+                        any(not isinstance(v, int) or isinstance(v, bool) or v < 0 or v % 4096
+                            for v in x) or x[1] == 0 for x in extents) or \
+                    extents[0][0] != offset or \
+                    sum(x[1] for x in extents) != -(-nbytes // 4096) * 4096:
+                raise ValueError(f"not a valid entry (extents): {json.dumps(d)[:200]}")
+            extents = tuple((int(o), int(n)) for o, n in extents)
         return cls(key=key, offset=offset, nbytes=nbytes, dtype=dtype,
-                   shape=tuple(shape) if shape is not None else None, crc=crc, seq=seq)
+                   shape=tuple(shape) if shape is not None else None, crc=crc, seq=seq,
+                   extents=extents)
 
 
 class Manifest:

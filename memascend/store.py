@@ -127,15 +127,15 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
         self._bg = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memascend-bounce")
         self._pending = 0
         self._readers: dict[int, int] = {}
-        self._deferred: list[tuple[int, int]] = []
+        self._deferred: list[tuple[int, int, int]] = []  # (entry pinned, offset, length)
         self._quarantine: list[tuple[int, int]] = []
         self._tombstones: dict[str, int] = {}  # key -> seq of its delete
         self._queue: collections.deque[_Write] = collections.deque()  # see store_space
         self._draining = False
         self._inflight_bytes = 0
         self._freeing = 0
-        self._counts = {"writes": 0, "writes_waited": 0, "reads": 0, "bytes_written": 0,
-                        "bytes_read": 0, "write_errors": 0, "read_errors": 0,
+        self._counts = {"writes": 0, "writes_waited": 0, "writes_split": 0, "reads": 0,
+                        "bytes_written": 0, "bytes_read": 0, "write_errors": 0, "read_errors": 0,
                         "checksum_failures": 0, "bounced_bytes": 0, "syncs": 0}
         self._closed = False
 
@@ -289,7 +289,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
                                 f"failed: {err}", key, e.offset, e.nbytes) from err
             del self._table[key]
             self._tombstones[key] = self._seq
-            self._release_extent(e.offset, e.nbytes)
+            self._release(e)
 
     def rename(self, key: str, new_key: str) -> None:
         """Move the stored ``key`` to ``new_key`` without moving bytes (one journal record).
@@ -332,7 +332,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
             self._table[new_key] = moved
             self._tombstones.pop(new_key, None)
             if old is not None:
-                self._release_extent(old.offset, old.nbytes)
+                self._release(old)
 
     def sync(self) -> None:
         """Make everything written so far durable (fsync data and journal).
@@ -357,7 +357,8 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
     def stats(self) -> StoreStats:
         """A snapshot of the counters."""
         with self._mu:
-            q = sum(round_up(n) for _o, n in self._quarantine + self._deferred)
+            q = sum(round_up(n) for _o, n in self._quarantine) + \
+                sum(round_up(n) for _p, _o, n in self._deferred)
             return StoreStats(keys=len(self._table), area_bytes=self._alloc.size,
                               used_bytes=self._alloc.used_bytes,
                               free_bytes=self._alloc.free_bytes, quarantined_bytes=q,

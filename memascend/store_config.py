@@ -35,8 +35,8 @@ class StoreConfig:
         ``"off"``.
     grow_bytes:
         Largest growth step of a file-backed area (default 256 MiB). The part of a step
-        beyond what the tensor being placed needs is speculative: at most 1/16 of the area
-        (at least 1 MiB), so the area stays within ~1.06x of what it needs, and at most half
+        beyond what the tensor being placed needs is speculative: at most 1/64 of the area
+        (at least 1 MiB), so the area stays within ~1.016x of what it needs, and at most half
         of the free space left on the filesystem after that tensor and a reserve (5 % of
         the filesystem, at most 1 GiB), so growing ahead never fills the disk for anyone
         else.
@@ -111,7 +111,8 @@ class StoreStats:
 
     ``writes`` / ``reads`` count completed requests; ``bytes_written`` / ``bytes_read`` the
     tensor bytes they moved (a ``read_range`` counts its range); ``writes_waited`` the
-    writes that waited for overwrites in flight to free room instead of growing the area.
+    writes that waited for overwrites in flight to free room instead of growing the area;
+    ``writes_split`` those placed in several free extents because no single one held them.
     """
 
     keys: int
@@ -125,6 +126,7 @@ class StoreStats:
     bytes_written: int
     bytes_read: int
     writes_waited: int
+    writes_split: int
     write_errors: int
     read_errors: int
     checksum_failures: int

@@ -15,7 +15,7 @@ import os
 from typing import Callable, Iterable, Optional
 
 from .errors import MetadataError, SwapIOError
-from .extents import ALIGN, ExtentAllocator, round_up
+from .extents import ALIGN, ExtentAllocator
 from .files import private_open
 from .manifest import Entry, Manifest
 
@@ -50,20 +50,21 @@ def place_entries(alloc: ExtentAllocator, entries: Iterable[Entry], area: str,
         its metadata folder was kept) or overlaps another: opening would lose keys.
     """
     table: dict[str, Entry] = {}
-    for e in sorted(entries, key=lambda e: e.offset):
-        if e.offset + round_up(e.nbytes) > alloc.size:
+    for off, n, e in sorted(((o, n, e) for e in entries for o, n in e.spans()),
+                            key=lambda x: x[0]):
+        if off + n > alloc.size:
             raise MetadataError(
-                f"key {e.key!r} lies at offset {e.offset} ({e.nbytes} bytes), past the end of "
-                f"the swap area {area} ({alloc.size} bytes): the area was truncated or replaced "
-                f"while its metadata ({meta}) was kept; restore both together, or remove both "
-                "to start empty", path=area, offset=e.offset, nbytes=e.nbytes, key=e.key)
+                f"key {e.key!r} lies at offset {off} ({n} bytes of its {e.nbytes}), past the "
+                f"end of the swap area {area} ({alloc.size} bytes): the area was truncated or "
+                f"replaced while its metadata ({meta}) was kept; restore both together, or "
+                "remove both to start empty", path=area, offset=off, nbytes=n, key=e.key)
         try:
-            alloc.reserve(e.offset, e.nbytes)
+            alloc.reserve(off, n)
         except ValueError:
             raise MetadataError(
-                f"key {e.key!r} at offset {e.offset} ({e.nbytes} bytes) overlaps another key "
-                f"in the metadata of {area} ({meta}): the metadata is damaged", path=area,
-                offset=e.offset, nbytes=e.nbytes, key=e.key) from None
+                f"key {e.key!r} at offset {off} ({n} bytes of its {e.nbytes}) overlaps another "
+                f"key in the metadata of {area} ({meta}): the metadata is damaged", path=area,
+                offset=off, nbytes=n, key=e.key) from None
         table[e.key] = e
     return table
 
@@ -134,9 +135,11 @@ class Exchange:
                 try:
                     packed, at = [], 0
                     for e in sorted(entries, key=lambda x: x.offset):
-                        _copy_range(src, dst, e.offset, round_up(e.nbytes), at)
-                        packed.append(dataclasses.replace(e, offset=at))
-                        at += round_up(e.nbytes)
+                        start = at  # the export holds each key in one extent
+                        for off, n in e.spans():
+                            _copy_range(src, dst, off, n, at)
+                            at += n
+                        packed.append(dataclasses.replace(e, offset=start, extents=None))
                     os.ftruncate(dst, at)
                     os.fsync(dst)
                 finally:
@@ -173,7 +176,7 @@ class Exchange:
         self.wait_idle()
         src_path = os.path.abspath(src_path)
         entries, src_seq = read_export(src_path)  # damage is found before this area changes
-        need = max((e.offset + round_up(e.nbytes) for e in entries.values()), default=0)
+        need = max((off + n for e in entries.values() for off, n in e.spans()), default=0)
         with self._mu:
             if need > self._alloc.size:
                 if self._is_block or (self.config.capacity and need > self.config.capacity):
@@ -194,7 +197,8 @@ class Exchange:
                 dst = os.open(self.path, os.O_WRONLY)
                 try:
                     for e in entries.values():
-                        _copy_range(src, dst, e.offset, round_up(e.nbytes))
+                        for off, n in e.spans():
+                            _copy_range(src, dst, off, n)
                     os.fsync(dst)
                 finally:
                     os.close(src)

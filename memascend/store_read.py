@@ -88,9 +88,9 @@ class Reading:
         aligned = addr % ALIGN == 0
         space = room if room is not None else cap
         if aligned and space >= rounded:
-            inner = self.engine.read(self._file, addr, rounded, entry.offset, key=key)
+            inner = self._transfer("read", addr, entry.spans(), 0, rounded, key)
         else:
-            inner = self._bounced(key, "read", addr, entry.nbytes, entry.offset, keep,
+            inner = self._bounced(key, "read", addr, entry.nbytes, entry.spans(), keep,
                                   direct_len=entry.nbytes // ALIGN * ALIGN if aligned else 0)
         out = SwapHandle(f"read of {key!r}")
         inner.add_done_callback(lambda h: self._read_done(h, entry, addr, out, keep))
@@ -145,8 +145,7 @@ class Reading:
         with self._mu:
             self._pin(entry.offset)
             self._pending += 1
-        inner = self.engine.read(self._file, dst.address, round_up(nbytes),
-                                 entry.offset + start, key=key)
+        inner = self._transfer("read", dst.address, entry.spans(), start, round_up(nbytes), key)
         out = SwapHandle(f"read of {key!r}[{start}:{start + nbytes}]")
         unverified = dataclasses.replace(entry, crc=None, nbytes=nbytes)  # result: range size
         inner.add_done_callback(lambda h: self._read_done(h, unverified, dst.address, out, dst))

@@ -9,7 +9,10 @@ of it is in flight; a non-durable store frees it then, a durable one quarantines
 next sync (fsync of the area and the journal), reclaimed when it exceeds ``sync_slack`` of the
 stored bytes or when growing fails.
 
-A non-durable store also keeps its area close to what it holds while overwrites stream in:
+A tensor that no free extent holds is split over several (at least :data:`SPAN_MIN` each, at
+most :data:`SPAN_MAX`) before the area grows for it, so that free space splintered by
+tensors of many sizes is used. A non-durable store also keeps its area close to what it holds
+while overwrites stream in:
 when a write finds no free extent but the overwrites in flight will free enough room once
 they land, it waits for them in a first-in, first-out queue instead of growing the area, as
 long as at least ``write_window`` bytes of writes are in flight (so the disk stays busy). The
@@ -27,11 +30,31 @@ from typing import Any, Optional
 from .errors import SwapIOError
 from .extents import ALIGN, round_up
 from .handle import SwapHandle
+from .manifest import Entry
 
 GROW_RESERVE_SHARE = 0.05  # speculative growth leaves this share of the filesystem free ...
 GROW_RESERVE_MAX = 1 << 30  # ... or this much, whichever is less
-GROW_AHEAD_DIV = 16  # growing ahead adds at most 1/16 of the area (the area stays within
-GROW_AHEAD_MIN = 1 << 20  # ~1.06x of what it needs), but at least 1 MiB
+GROW_AHEAD_DIV = 64  # growing ahead adds at most 1/64 of the area (the area stays within
+GROW_AHEAD_MIN = 1 << 20  # ~1.016x of what it needs), but at least 1 MiB
+SPAN_MIN = 1 << 20  # a tensor no free extent holds may be split over free extents of at
+SPAN_MAX = 16       # least 1 MiB, at most 16 of them, before the area grows for it
+
+Spans = tuple[tuple[int, int], ...]  # (offset, length) extents holding a key's bytes, in order
+
+
+def map_range(spans: Spans, start: int, nbytes: int) -> list[tuple[int, int, int]]:
+    """``(area offset, position, length)`` pieces of the bytes ``[start, start+nbytes)`` of
+    a key that lies in ``spans`` (position: from ``start``)."""
+    out = []
+    pos = 0  # the key's byte where the current span begins
+    for off, n in spans:
+        lo, hi = max(start, pos), min(start + nbytes, pos + n)
+        if lo < hi:
+            out.append((off + lo - pos, lo - start, hi - lo))
+        pos += n
+        if pos >= start + nbytes:
+            break
+    return out
 
 
 @dataclass(eq=False)
@@ -53,20 +76,31 @@ class _Write:
 class AreaSpace:
     """Extent placement, growth and reuse of :class:`~memascend.store.SwapStore`."""
 
-    def _place_or_queue(self, job: _Write) -> Optional[int]:
-        """An extent for ``job`` (lock held), or None when it was queued to wait for the
+    def _place_or_queue(self, job: _Write) -> Optional[Spans]:
+        """Extents for ``job`` (lock held), or None when it was queued to wait for the
         overwrites in flight (see the module docstring). Raises as :meth:`_allocate` does."""
-        off = None
+        spans = None
         if not self._queue:
-            off = self._alloc.alloc(job.nbytes)
-            if off is None and not self._waits(job.nbytes):
-                off = self._allocate(job.key, job.nbytes)
-        if off is None:
+            spans = self._place_free(job.nbytes)
+            if spans is None and not self._waits(job.nbytes):
+                spans = ((self._allocate(job.key, job.nbytes), round_up(job.nbytes)),)
+        if spans is None:
             self._queue.append(job)
             self._counts["writes_waited"] += 1
             return None
         self._launched(job)
-        return off
+        return spans
+
+    def _place_free(self, nbytes: int) -> Optional[Spans]:
+        """Room in the area's free space as it is (lock held): one extent if one fits, else
+        several (:data:`SPAN_MIN`, :data:`SPAN_MAX`), else None."""
+        off = self._alloc.alloc(nbytes)
+        if off is not None:
+            return ((off, round_up(nbytes)),)
+        spans = self._alloc.alloc_spans(nbytes, SPAN_MIN, SPAN_MAX)
+        if spans is not None:
+            self._counts["writes_split"] += 1
+        return spans
 
     def _waits(self, nbytes: int) -> bool:
         """Whether a write of ``nbytes`` finding no free extent should wait rather than grow
@@ -100,29 +134,29 @@ class AreaSpace:
     def _drain(self) -> None:
         """Place and start queued writes in order until one has to wait again. A write that
         cannot be placed at all (ENOSPC, the journal refusing) fails its handle."""
-        start: list[tuple[_Write, int]] = []
+        start: list[tuple[_Write, Spans]] = []
         failed: list[tuple[_Write, BaseException]] = []
         with self._mu:
             self._draining = False
             while self._queue:
                 job = self._queue[0]
-                off = self._alloc.alloc(job.nbytes)
-                if off is None:
+                spans = self._place_free(job.nbytes)
+                if spans is None:
                     if self._waits(job.nbytes):
                         break
                     try:
                         self._check_writable(job.key)
-                        off = self._allocate(job.key, job.nbytes)
+                        spans = ((self._allocate(job.key, job.nbytes), round_up(job.nbytes)),)
                     except Exception as exc:  # noqa: BLE001 - handed to the caller's handle
                         self._queue.popleft()
                         failed.append((job, exc))
                         continue
                 self._queue.popleft()
                 self._launched(job)
-                start.append((job, off))
-        for job, off in start:
+                start.append((job, spans))
+        for job, spans in start:
             try:
-                self._launch(job, off)
+                self._launch(job, spans)
             except Exception as exc:  # noqa: BLE001 - handed to the caller's handle
                 failed.append((job, exc))
         for job, exc in failed:
@@ -202,7 +236,7 @@ class AreaSpace:
         return off
 
     def _speculative(self, must: int) -> int:
-        """Bytes to grow beyond ``must`` (up to ``grow_bytes`` in all): at most 1/16 of the
+        """Bytes to grow beyond ``must`` (up to ``grow_bytes`` in all): at most 1/64 of the
         area (at least 1 MiB), so that the area stays close to what it holds, and at most
         half of the free space left after ``must`` and a reserve (5 % of the filesystem, at
         most 1 GiB), so that growing ahead never fills the disk for other files, the other
@@ -224,13 +258,20 @@ class AreaSpace:
         reserve = min(GROW_RESERVE_MAX, st.f_blocks * st.f_frsize * GROW_RESERVE_SHARE)
         return int(st.f_bavail * st.f_frsize - reserve)
 
-    def _release_extent(self, offset: int, nbytes: int) -> None:
-        """An extent no key points to (lock held): retired once no read of it is in flight
-        (:meth:`_retire`)."""
-        if self._readers.get(offset):
-            self._deferred.append((offset, nbytes))
-        else:
-            self._retire(offset, nbytes)
+    def _release(self, entry: Entry) -> None:
+        """The extents of an entry no key points to any more (lock held): retired once no
+        read of it is in flight (:meth:`_retire`)."""
+        pinned = bool(self._readers.get(entry.offset))
+        for off, n in entry.spans():
+            if pinned:
+                self._deferred.append((entry.offset, off, n))
+            else:
+                self._retire(off, n)
+
+    def _free_spans(self, spans: Spans) -> None:
+        """Give back extents no record points to (lock held; a write that failed)."""
+        for off, n in spans:
+            self._alloc.free(off, n)
 
     def _retire(self, offset: int, nbytes: int) -> None:
         """Free an extent no key points to and no read uses (lock held). Durable: quarantined
@@ -245,23 +286,24 @@ class AreaSpace:
             self._kick()
 
     def _pin(self, offset: int) -> None:
-        """Keep the extent at ``offset`` from being reused while it is read (lock held)."""
+        """Keep the entry whose first extent is at ``offset`` from being reused while it is
+        read (lock held)."""
         self._readers[offset] = self._readers.get(offset, 0) + 1
 
     def _unpin(self, offset: int) -> None:
-        """The end of a read of ``offset`` (lock held): an extent released meanwhile is
-        retired once its last reader is done."""
+        """The end of a read of the entry at ``offset`` (lock held): extents released
+        meanwhile are retired once its last reader is done."""
         n = self._readers.get(offset, 1) - 1
         if n:
             self._readers[offset] = n
             return
         self._readers.pop(offset, None)
         keep = []
-        for off, nb in self._deferred:
-            if off == offset:
+        for pin, off, nb in self._deferred:
+            if pin == offset:
                 self._retire(off, nb)
             else:
-                keep.append((off, nb))
+                keep.append((pin, off, nb))
         self._deferred = keep
 
     def _sync_locked(self) -> None:

@@ -17,10 +17,11 @@ from typing import Any, Iterable, Optional
 from . import _native
 from .errors import MetadataError
 from .extents import ALIGN, round_up
-from .handle import SwapHandle
+from .engine import IORequest
+from .handle import SwapHandle, gather
 from .manifest import Entry
 from .store_read import _memory_of, crc32c
-from .store_space import _Write
+from .store_space import Spans, _Write, map_range
 
 
 def _keyed(err: MetadataError, key: str) -> MetadataError:
@@ -73,35 +74,36 @@ class Writing:
                      SwapHandle(f"write of {key!r}"))
         with self._mu:
             self._check_writable(key)
-            offset = self._place_or_queue(job)  # raises at once on ENOSPC
+            spans = self._place_or_queue(job)  # raises at once on ENOSPC
             self._seq += 1
             job.seq = self._seq
             self._begin()
-            if offset is None:  # waits for overwrites in flight to free room (store_space)
+            if spans is None:  # waits for overwrites in flight to free room (store_space)
                 return job.out
         try:
-            self._launch(job, offset)
+            self._launch(job, spans)
         except BaseException:
             self._end()
             raise
         return job.out
 
-    def _launch(self, job: "_Write", offset: int) -> None:
-        """Start the I/O of a placed write (no lock held). On a failure to start, the extent
+    def _launch(self, job: "_Write", spans: Spans) -> None:
+        """Start the I/O of a placed write (no lock held). On a failure to start, the extents
         and the in-flight accounting are given back and the error raised."""
-        entry = Entry(job.key, offset, job.nbytes, job.dtype, job.shape, None, job.seq)
+        entry = Entry(job.key, spans[0][0], job.nbytes, job.dtype, job.shape, None, job.seq,
+                      extents=spans if len(spans) > 1 else None)
         # crc: with checksums on, computed on the completion thread (_write_done)
         rounded = round_up(job.nbytes)
         aligned = job.addr % ALIGN == 0
         try:
             if aligned and job.room is not None and job.room >= rounded:
-                inner = self.engine.write(self._file, job.addr, rounded, offset, key=job.key)
+                inner = self._transfer("write", job.addr, spans, 0, rounded, job.key)
             else:
-                inner = self._bounced(job.key, "write", job.addr, job.nbytes, offset, job.keep,
+                inner = self._bounced(job.key, "write", job.addr, job.nbytes, spans, job.keep,
                                       direct_len=job.nbytes // ALIGN * ALIGN if aligned else 0)
         except BaseException:
             with self._mu:
-                self._alloc.free(offset, job.nbytes)
+                self._free_spans(spans)
                 self._landed(job)
             raise
         inner.add_done_callback(lambda h: self._write_done(h, entry, job))
@@ -118,14 +120,14 @@ class Writing:
             with self._mu:
                 self._landed(job)
                 if exc is not None:
-                    self._alloc.free(entry.offset, entry.nbytes)  # nothing points to it
+                    self._free_spans(entry.spans())  # nothing points to them
                     self._counts["write_errors"] += 1
                 else:
                     cur = self._table.get(entry.key)
                     newer = (cur is not None and cur.seq > entry.seq) or \
                         self._tombstones.get(entry.key, 0) > entry.seq
                     if newer:  # a newer write, or a delete issued after this write, won
-                        self._release_extent(entry.offset, entry.nbytes)
+                        self._release(entry)
                         self._counts["writes"] += 1
                         self._counts["bytes_written"] += entry.nbytes
                     else:
@@ -136,7 +138,7 @@ class Writing:
                         except OSError as err:
                             # Not acknowledged: the append was cut back (or the manifest
                             # refuses appends), so no record points at the extent.
-                            self._alloc.free(entry.offset, entry.nbytes)
+                            self._free_spans(entry.spans())
                             self._counts["write_errors"] += 1
                             exc = _keyed(err, entry.key) if isinstance(err, MetadataError) \
                                 else self._err(err.errno or errno.EIO, f"journal append "
@@ -146,7 +148,7 @@ class Writing:
                             self._table[entry.key] = entry
                             self._tombstones.pop(entry.key, None)
                             if cur is not None:
-                                self._release_extent(cur.offset, cur.nbytes)
+                                self._release(cur)
                             self._counts["writes"] += 1
                             self._counts["bytes_written"] += entry.nbytes
         finally:
@@ -156,7 +158,19 @@ class Writing:
         else:
             out.set_result(entry.nbytes)
 
-    def _bounced(self, key: str, op: str, addr: int, nbytes: int, offset: int, keep: Any,
+    def _transfer(self, op: str, addr: int, spans: Spans, start: int, nbytes: int,
+                  key: str) -> SwapHandle:
+        """Move bytes ``[start, start+nbytes)`` of a key lying in ``spans`` between memory at
+        ``addr`` (holding byte ``start``) and the area: one request per extent it touches."""
+        pieces = map_range(spans, start, nbytes)
+        if len(pieces) == 1:
+            off, pos, n = pieces[0]
+            return self.engine.submit([IORequest(op, self._file, addr + pos, n, off, key)])[0]
+        parts = self.engine.submit([IORequest(op, self._file, addr + pos, n, off, key)
+                                    for off, pos, n in pieces])
+        return gather(parts, f"{op} of {key!r} ({len(parts)} extents)", combine=sum)
+
+    def _bounced(self, key: str, op: str, addr: int, nbytes: int, spans: Spans, keep: Any,
                  direct_len: int = 0) -> SwapHandle:
         """Move ``nbytes`` through aligned bounce leases, in chunks, on a helper thread.
 
@@ -168,10 +182,7 @@ class Writing:
         def run() -> None:
             try:
                 if direct_len:
-                    if op == "write":
-                        self.engine.write(self._file, addr, direct_len, offset, key=key).wait()
-                    else:
-                        self.engine.read(self._file, addr, direct_len, offset, key=key).wait()
+                    self._transfer(op, addr, spans, 0, direct_len, key).wait()
                 done = direct_len
                 chunk = self.config.bounce_bytes
                 while done < nbytes:
@@ -183,11 +194,11 @@ class Writing:
                             ffi.memmove(dst, src, n)
                             if round_up(n) > n:
                                 ffi.memmove(dst + n, b"\0" * (round_up(n) - n), round_up(n) - n)
-                            self.engine.write(self._file, lease.address, round_up(n),
-                                              offset + done, key=key).wait()
+                            self._transfer(op, lease.address, spans, done, round_up(n),
+                                           key).wait()
                         else:
-                            self.engine.read(self._file, lease.address, round_up(n),
-                                             offset + done, key=key).wait()
+                            self._transfer(op, lease.address, spans, done, round_up(n),
+                                           key).wait()
                             ffi.memmove(src, dst, n)
                     done += n
                 with self._mu:

@@ -47,3 +47,22 @@ def test_double_free_and_reserve():
         a.reserve(4 * ALIGN, 1)
     assert a.used_bytes == ALIGN
     assert a.alloc(100) == 0  # best fit: the 4-block hole before the reserved block
+
+
+def test_alloc_spans_takes_the_largest_holes_first_and_nothing_when_it_cannot():
+    a = ExtentAllocator(16 * ALIGN)
+    for off in (0, 3 * ALIGN, 10 * ALIGN):  # holes of 2, 5 and 6 blocks between them
+        a.reserve(off, ALIGN)
+    a.reserve(2 * ALIGN, ALIGN)
+    assert [n // ALIGN for _o, n in a.free_extents()] == [1, 6, 5]
+    before = a.free_extents()
+    assert a.alloc_spans(13 * ALIGN, ALIGN, 8) is None  # 12 blocks free
+    assert a.alloc_spans(12 * ALIGN, 2 * ALIGN, 8) is None  # the 1-block hole is too small
+    assert a.alloc_spans(11 * ALIGN, ALIGN, 1) is None  # more holes than allowed
+    assert a.free_extents() == before
+    spans = a.alloc_spans(9 * ALIGN - 5, 2 * ALIGN, 8)
+    assert spans == ((4 * ALIGN, 6 * ALIGN), (11 * ALIGN, 3 * ALIGN))
+    assert a.free_bytes == 3 * ALIGN
+    for off, n in spans:
+        a.free(off, n)
+    assert a.free_extents() == before

@@ -35,6 +35,9 @@ CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[2])
 from test_store_crash import content
+import memascend.store_space
+if sys.argv[5] == "1":  # split keys over small holes too (these keys are under 1 MiB)
+    memascend.store_space.SPAN_MIN = 4096
 from memascend.store import SwapStore
 store = SwapStore(sys.argv[1], grow_bytes="4MiB", durable=sys.argv[3] == "1",
                   write_window=int(sys.argv[4]))
@@ -49,15 +52,17 @@ while True:
 """
 
 
-@pytest.mark.parametrize("durable,window", [(True, 32 << 20), (False, 32 << 20), (False, 0)])
+@pytest.mark.parametrize("durable,window,split", [(True, 32 << 20, False), (False, 32 << 20, False),
+                                                  (False, 0, False), (False, 0, True)])
 @pytest.mark.parametrize("delay", [0.02, 0.3, 0.9])
-def test_sigkill_mid_write(tmp_path, delay, durable, window):
+def test_sigkill_mid_write(tmp_path, delay, durable, window, split):
     """Durable stores reuse an old extent after a sync; non-durable ones as soon as the
     record of its replacement is appended (with ``write_window=0`` writes also wait in the
-    store's queue for that room): all survive a kill with every key whole."""
+    store's queue for that room, and with ``split`` keys are also placed over several
+    holes): all survive a kill with every key whole."""
     path = str(tmp_path / "swap")
     child = subprocess.Popen([sys.executable, "-c", CHILD, path, HERE, "1" if durable else "0",
-                              str(window)],
+                              str(window), "1" if split else "0"],
                              stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:

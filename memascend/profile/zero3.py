@@ -282,8 +282,12 @@ def estimate_deepspeed(w: Workload, ds: sz.DeepSpeedConfig, *, flavor: str = "st
     if not stock:  # what memascend's areas hold beyond the state (overwrites in flight)
         staging = sum(c.nbytes for c in comps
                       if c.name in ("param_pool", "optimizer_pool", "grad_pieces"))
+        # the largest tensor an area stores whole: a parameter partition, or a sub-group's
+        # fp32 state that is not streamed in pieces (streamed pieces: optimizer_chunk)
+        largest = max(max(parts, default=0) * L.e, L.largest_whole * 4,
+                      ds.optimizer_chunk if any(L.streamed) else 0)
         ssd = dataclasses.replace(ssd, capacity_peak=ssd.capacity +
-                                  sz.store_slack_bytes(ssd.capacity, staging))
+                                  sz.store_slack_bytes(ssd.capacity, staging, largest))
     title = ("stock DeepSpeed ZeRO-3" if stock else "memascend swappers in DeepSpeed ZeRO-3") + \
         f" ({ds.model_dtype}, params {ds.param_device}, optimizer {ds.optimizer_device})"
     return Estimate("deepspeed" if stock else "memascend-deepspeed", title, tuple(comps),

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ..store_config import StoreConfig
+from ..store_space import GROW_AHEAD_DIV
 from .common import round_up
 from .deepspeed import ds_align, ds_is_swappable, ds_numel_alignment
 from .ds_config import DeepSpeedConfig
@@ -28,7 +30,7 @@ class SsdTraffic:
         The most the swap area may occupy: DeepSpeed's files do not grow; memascend's
         (non-durable) stores hold, beyond what they store, the new versions of the
         overwrites in flight (at most the pinned memory that stages them) and what they grew
-        ahead (at most 1/16, :func:`store_slack_bytes`).
+        ahead (at most 1/64, :func:`store_slack_bytes`).
     read_per_step, written_per_step:
         Bytes read and written by one steady-state step (after the first, which creates the
         optimizer moments).
@@ -58,15 +60,28 @@ class SsdTraffic:
                 "written_per_1000_steps": self.written_per_1000_steps}
 
 
-def store_slack_bytes(stored: int, staging: int) -> int:
+WRITE_WINDOW = StoreConfig.write_window  # a store's default write window
+
+
+def store_slack_bytes(stored: int, staging: int, largest: Optional[int] = None,
+                      areas: int = 2) -> int:
     """Space memascend's non-durable swap areas may take beyond the ``stored`` bytes: the new
-    versions of overwrites in flight (an overwritten extent is reused once its replacement
-    is recorded, and what is in flight is at most the ``staging`` pinned bytes that hold it)
-    and growing ahead (at most 1/16 of an area, :data:`memascend.store_space.GROW_AHEAD_DIV`).
-    The overwrites in flight are no more than what is stored, too: a small model's areas may
-    come to about twice its state, a large one's stay within ~1.1x."""
+    versions of overwrites in flight and growing ahead (at most 1/64 of an area,
+    :data:`memascend.store_space.GROW_AHEAD_DIV`).
+
+    An overwritten extent is reused once its replacement is recorded. What is in flight is
+    at most the ``staging`` pinned bytes that hold it, and no more than what is stored. A
+    write that finds no room waits for the overwrites in flight while the store's
+    ``write_window`` (32 MiB) is busy, and a tensor is split over free extents before an area
+    grows for it (:mod:`memascend.store_space`), so with ``largest`` (the largest tensor
+    stored) each of the ``areas`` holds at most the window and one such tensor in flight:
+    the old and new version of a tensor must both exist until the new one is recorded (a
+    killed process finds one or the other). Small models with large embeddings stay above
+    1.1x by that; large ones come to ~1.02x."""
     flight = min(int(staging), int(stored))
-    return flight + (int(stored) + flight) // 16
+    if largest is not None:
+        flight = min(flight, int(areas) * (WRITE_WINDOW + int(largest)))
+    return flight + (int(stored) + flight) // GROW_AHEAD_DIV
 
 
 def ds_ssd_traffic(param_partition_numels: Sequence[int], sub_groups: Sequence[Sequence[int]],
@@ -171,6 +186,8 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     # old versions of what the window updated, until step() commits (exact_undo=False:
     # each update replaces them as it is made)
     aside = p + state if exact_undo else 0
+    largest = max((round_up(n * 4) for n in numels), default=0)
     return SsdTraffic(capacity=p + o,
-                      capacity_peak=p + o + aside + store_slack_bytes(p + o + aside, b + ob),
+                      capacity_peak=p + o + aside + store_slack_bytes(p + o + aside, b + ob,
+                                                                      largest),
                       read_per_step=read, written_per_step=written)
