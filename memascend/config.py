@@ -52,7 +52,10 @@ def parse_size(key: str, value: Any) -> int:
         raise ConfigError(key, f"cannot parse size {value!r}") from None
     if unit not in units or n < 0:
         raise ConfigError(key, f"cannot parse size {value!r} (units: B, KiB, MiB, GiB, KB, MB, GB)")
-    return int(n * units[unit])
+    total = n * units[unit]
+    if not total.is_integer():  # "2.5" steps or "0.3KiB" would be cut short silently
+        raise ConfigError(key, f"{value!r} is not a whole number (of bytes, or of a count)")
+    return int(total)
 
 
 def _coerce(cls: type, field: dataclasses.Field, raw: str, key: str) -> Any:

@@ -114,3 +114,15 @@ def test_a_required_option_missing_is_a_config_error():
     with pytest.raises(ConfigError, match="size.*required"):
         from_env(Opts, "TESTOPTS", {}, environ={})
     assert from_env(Opts, "TESTOPTS", {}, environ={"MEMASCEND_TESTOPTS_SIZE": "4KiB"}).size == 4096
+
+
+@pytest.mark.parametrize("raw", ["2.5", "0.3KiB", "1.0000001"])
+def test_a_fraction_is_not_cut_to_a_whole_count_or_size(monkeypatch, tmp_path, raw):
+    from memascend.config import parse_size
+
+    with pytest.raises(ConfigError, match="whole number"):
+        parse_size("x", raw)
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_ACCUMULATION_STEPS", raw)
+    with pytest.raises(ConfigError, match="MEMASCEND_OFFLOAD_ACCUMULATION_STEPS.*whole"):
+        offload_model(_mlp(), str(tmp_path / "a"))
+    assert parse_size("x", "1.5GB") == 1_500_000_000 and parse_size("x", "2.0") == 2
