@@ -12,6 +12,7 @@ this module does. Bad input exits with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -296,18 +297,14 @@ def cmd_profile_estimate(args: argparse.Namespace) -> int:
     w = Workload(model, batch=args.batch, seq=args.seq, gpus=args.gpus,
                  micro_batches=args.micro_batches, checkpointing=args.checkpointing,
                  runtime_bytes=runtime)
-    budget = parse_size("--budget", args.budget) if args.budget else None
-    obudget = parse_size("--optimizer-budget", args.optimizer_budget) \
-        if args.optimizer_budget else None
+    plain = _offload_options(args, ds.model_dtype)
     mmap = parse_size("--mmap-threshold", args.mmap_threshold) if args.mmap_threshold else None
     ests = [estimate_deepspeed(w, ds, flavor="stock", mmap_threshold=mmap),
             estimate_deepspeed(w, ds, flavor="memascend", mmap_threshold=mmap),
-            estimate_offload(w, compute_dtype=args.dtype or ds.model_dtype, budget=budget,
-                             optimizer_budget=obudget, exact_undo=not args.no_undo,
-                             activations=None if args.activations == "none" else args.activations,
-                             activation_budget=parse_size("--activation-budget",
-                                                          args.activation_budget)
-                             if args.activation_budget else None)]
+            estimate_offload(w, compute_dtype=plain.compute_dtype, budget=plain.budget,
+                             optimizer_budget=plain.optimizer_budget,
+                             exact_undo=plain.exact_undo, activations=plain.activations,
+                             activation_budget=plain.activation_budget)]
     report = EstimateReport(model, n_params, w, tuple(ests),
                             tuple(machine_warnings(ests, phys_bytes(), lockable_bytes())))
     if args.json:
@@ -324,6 +321,32 @@ def cmd_profile_estimate(args: argparse.Namespace) -> int:
                   "optimizer on NVMe)")
         print(format_estimate(report, drive_tbw=args.drive_tbw))
     return 0
+
+
+def _offload_options(args: argparse.Namespace, ds_dtype: str) -> Any:
+    """The plain path's options for ``profile estimate``: the flags given, then
+    ``MEMASCEND_OFFLOAD_*`` (as ``offload_model`` reads them), then ``offload_model``'s
+    defaults; the compute dtype falls back to the DeepSpeed config's."""
+    from .config import from_env, parse_size
+    from .offload_types import OffloadOptions
+
+    given = {"budget": args.budget, "optimizer_budget": args.optimizer_budget,
+             "compute_dtype": args.dtype, "exact_undo": False if args.no_undo else None,
+             "activation_budget": args.activation_budget,
+             "activations": None if args.activations in (None, "none") else args.activations}
+    opts = from_env(OffloadOptions, "OFFLOAD", given)
+    if args.activations == "none":
+        opts = dataclasses.replace(opts, activations=None)
+    if args.dtype is None and "MEMASCEND_OFFLOAD_COMPUTE_DTYPE" not in os.environ:
+        opts = dataclasses.replace(opts, compute_dtype=ds_dtype)
+    sizes = {}
+    for name in ("budget", "optimizer_budget", "activation_budget"):
+        value = getattr(opts, name)
+        where = "--" + name.replace("_", "-") if getattr(args, name) else \
+            f"MEMASCEND_OFFLOAD_{name.upper()}"  # a default never fails to parse
+        sizes[name] = None if value is None else parse_size(where, value)
+    return dataclasses.replace(opts, compute_dtype=str(opts.compute_dtype).replace("torch.", ""),
+                               **sizes)
 
 
 def cmd_profile_run(args: argparse.Namespace) -> int:
@@ -486,7 +509,8 @@ def _add_profile(sub: Any) -> None:
     est.add_argument("--checkpointing", action="store_true",
                      help="per-layer activation checkpointing")
     est.add_argument("--budget", default=None,
-                     help="plain path: pinned budget of the parameter tier (default 1GiB)")
+                     help="plain path: pinned budget of the parameter tier (default 1GiB; "
+                          "MEMASCEND_OFFLOAD_* variables apply as to offload_model)")
     est.add_argument("--optimizer-budget", default=None,
                      help="plain path: pinned budget of the optimizer tier (default: --budget)")
     est.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -501,8 +525,9 @@ def _add_profile(sub: Any) -> None:
     est.add_argument("--no-undo", action="store_true",
                      help="offload_model with exact_undo=False and the window declared: its "
                           "updates committed as they are made (SSD ~1.1x the state, not ~2x)")
-    est.add_argument("--activations", choices=["none", "ssd", "pinned"], default="none",
-                     help="plain path: offload_model's activation tier (none): with ssd the "
+    est.add_argument("--activations", choices=["none", "ssd", "pinned"], default=None,
+                     help="plain path: offload_model's activation tier (none, or "
+                          "$MEMASCEND_OFFLOAD_ACTIVATIONS): with ssd the "
                           "tensors forward saves wait on SSD (RAM keeps one layer's worth)")
     est.add_argument("--activation-budget", default=None,
                      help="plain path: pinned budget of the activation tier (default 64MiB)")

@@ -439,3 +439,27 @@ def test_store_slack_is_the_smallest_bound_on_overwrites_in_flight_plus_growing_
         2 * (window + 100 * mib) + (10 * gib + 2 * (window + 100 * mib)) // 64
     # and never more than what is stored
     assert sz.store_slack_bytes(mib, gib, 100 * mib) == mib + 2 * mib // 64
+
+
+def test_estimate_reads_offload_models_environment_below_its_flags(monkeypatch):
+    """MEMASCEND_OFFLOAD_* reach the plain path's estimate as they reach offload_model; a
+    flag wins over its variable."""
+    def plain(*flags, **env):
+        for k, v in env.items():
+            monkeypatch.setenv(f"MEMASCEND_OFFLOAD_{k}", v)
+        out = cli("--model", "llama-134m", "--gpus", "0", "--json", *flags)
+        for k in env:
+            monkeypatch.delenv(f"MEMASCEND_OFFLOAD_{k}")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["estimates"]["memascend"]
+
+    w = Workload(load_model_config("llama-134m"), gpus=0)
+    want = estimate_offload(w, compute_dtype="float32", budget=256 << 20, exact_undo=False)
+    got = plain(EXACT_UNDO="0", BUDGET="256MiB", COMPUTE_DTYPE="float32")
+    assert got["title"] == want.title and got["ssd"]["capacity_peak"] == want.ssd.capacity_peak
+    flag = plain("--budget", "512MiB", EXACT_UNDO="0", BUDGET="256MiB")
+    assert "512 + 512 MiB" in flag["title"] and "exact_undo=False" in flag["title"]
+    assert "exact_undo" not in plain()["title"]
+    monkeypatch.setenv("MEMASCEND_OFFLOAD_BUDGET", "lots")
+    bad = cli("--model", "llama-134m", "--json")
+    assert bad.returncode != 0 and "MEMASCEND_OFFLOAD_BUDGET" in bad.stderr
