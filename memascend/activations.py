@@ -24,7 +24,8 @@ recomputation, used at once). A tensor saved twice (same memory, same version) i
 once. A stored tensor is deleted when autograd drops
 it (after its node ran in backward, or when the graph is freed); the deletion is done by the
 tier's next call (:meth:`ActivationTier.collect`), never on the thread that dropped it.
-The store is scratch (``durable=False``, ``reset=True``): nothing of it is in a checkpoint,
+The store is scratch (``durable=False``, ``journal=False``, ``reset=True``): nothing of it is
+in a checkpoint,
 and a write that fails (a full disk) raises :class:`~memascend.errors.SwapIOError` naming the
 tier, the tensor and its size at the next save or at the unpack that needs it.
 """
@@ -217,7 +218,8 @@ class ActivationTier:
                 if self._bounce is None:
                     self._own_bounce = self._bounce = PinnedPool(lock="auto")
                 self.store = SwapStore(os.path.join(swap_dir, "acts.swp"), engine=engine,
-                                       pool=self._bounce, durable=False, reset=True)
+                                       pool=self._bounce, durable=False, journal=False,
+                                       reset=True)
                 self.swapper = TensorSwapper(self.store, pool=self.pool,
                                              budget_bytes=self.budget, plan_prefetch=False,
                                              overflow_pool=self._bounce)

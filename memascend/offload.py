@@ -19,8 +19,8 @@ to two swap tiers and returns an :class:`OffloadedModel` that drives training:
   update is ``torch.optim.adamw.adamw`` itself (single-tensor form), so fp32 training is
   bitwise identical to ``torch.optim.AdamW(foreach=False)`` in memory.
 
-The two swap tiers are scratch space (``durable=False``: safe against a killed process, not
-power loss, and no fsync per step; opened with ``reset=True``: whatever an earlier process left
+The two swap tiers are scratch space (``durable=False``: no fsync per step; ``journal=False``:
+no metadata written per tensor; opened with ``reset=True``: whatever an earlier process left
 in ``swap_dir`` is discarded); durability comes from checkpoints (:meth:`save` /
 :meth:`load`, see :mod:`memascend.checkpoint`), which survive a crash at any point of a save.
 Pinned memory is one pool arena per tier, sized to its budget (or what the model needs, if
@@ -119,10 +119,10 @@ class OffloadedModel:
                     overflow_pool=self.bounce_pool))
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
                                                     engine=self.engine, pool=self.bounce_pool,
-                                                    durable=False, reset=True))
+                                                    durable=False, journal=False, reset=True))
             self.optim_store = self._open(SwapStore(os.path.join(self.swap_dir, "optim.swp"),
                                                     engine=self.engine, pool=self.bounce_pool,
-                                                    durable=False, reset=True))
+                                                    durable=False, journal=False, reset=True))
             self.params_sw = self._open(TensorSwapper(self.param_store, pool=self.pool,
                                                       budget_bytes=budget_b,
                                                       overflow_pool=self.bounce_pool))

@@ -26,6 +26,9 @@ Safety rules:
 - I/O is O_DIRECT: buffers, offsets and lengths aligned to 4096. Pool leases are used as they
   are; other memory (any tensor, bytes) is bounced through aligned leases in chunks.
 - One process at a time: the metadata folder is locked (flock).
+- ``journal=False`` (non-durable scratch areas, always opened with ``reset=True``): no journal
+  record per change; the table reaches the snapshot when the store closes, and a store that
+  was not closed refuses to reopen except with ``reset=True``.
 
 Four parts live in modules of their own: how the area's space is placed, grown and reused
 (:mod:`memascend.store_space`), the checkpoint exchange, export and import
@@ -113,6 +116,14 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
             if reset:
                 self._reset()
             self._load()
+            if not config.journal:  # a reopen after a kill must not trust the snapshot
+                try:
+                    self._manifest.compact(list(self._table.values()), self._header(),
+                                           self._seq)
+                except OSError as exc:
+                    raise SwapIOError(exc.errno or errno.EIO, f"cannot mark the swap store "
+                                      f"open: {exc.strerror or exc}",
+                                      path=self._manifest.snapshot_path) from exc
         except BaseException:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -194,6 +205,11 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
                 f"an import from {header['importing']} into the swap store {self.path} was "
                 "interrupted: its contents are partial. Import again, or open it with "
                 "reset=True to start empty", path=self._manifest.snapshot_path)
+        if header.get("unjournaled"):
+            raise MetadataError(
+                f"the swap store {self.path} was open without a journal (journal=False) and "
+                "was not closed: what it held then is unknown. Open it with reset=True to "
+                "start empty", path=self._manifest.snapshot_path)
         self._seq = seq
         if self._is_block:
             size = self._device_size
@@ -206,6 +222,19 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
                                                       self._manifest.folder)
 
     # ---- helpers ----
+    def _header(self, **extra: Any) -> dict[str, Any]:
+        """The snapshot header of an open store (a store without a journal says so, so that
+        a reopen after a kill refuses its snapshot)."""
+        head = {"area_bytes": self._alloc.size, **extra}
+        if not self.config.journal:
+            head["unjournaled"] = True
+        return head
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        """Append a journal record (lock held); nothing without a journal."""
+        if self.config.journal:
+            self._manifest.append(rec)
+
     def _err(self, code: int, msg: str, key: Optional[str], offset: Optional[int] = None,
              nbytes: Optional[int] = None) -> SwapIOError:
         return SwapIOError(code, msg, path=self.path, offset=offset, nbytes=nbytes, key=key)
@@ -281,7 +310,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
             self._check_writable(key)
             self._seq += 1
             try:
-                self._manifest.append({"seq": self._seq, "op": "del", "key": key})
+                self._record({"seq": self._seq, "op": "del", "key": key})
             except MetadataError as err:
                 raise _keyed(err, key) from err
             except OSError as err:  # cut back: the key stays stored
@@ -319,8 +348,8 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
             self._seq += 1
             moved = dataclasses.replace(e, key=new_key, seq=self._seq)
             try:
-                self._manifest.append({"seq": self._seq, "op": "mv", "key": key,
-                                       "entry": moved.to_json()})
+                self._record({"seq": self._seq, "op": "mv", "key": key,
+                              "entry": moved.to_json()})
             except MetadataError as err:
                 raise _keyed(err, key) from err
             except OSError as err:
@@ -390,7 +419,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
             try:
                 self._sync_locked()
                 self._manifest.compact(list(self._table.values()),
-                                       {"area_bytes": self._alloc.size}, self._seq)
+                                       {"area_bytes": self._alloc.size}, self._seq)  # closed
             except SwapIOError as exc:
                 failure = exc
             except OSError as exc:

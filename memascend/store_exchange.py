@@ -191,8 +191,7 @@ class Exchange:
             try:
                 # A crash while the extents are copied must not leave a store that opens with
                 # keys whose bytes are half replaced: it opens with an error until re-imported.
-                self._manifest.compact([], {"area_bytes": self._alloc.size,
-                                            "importing": src_path}, self._seq)
+                self._manifest.compact([], self._header(importing=src_path), self._seq)
                 src = os.open(src_path, os.O_RDONLY)
                 dst = os.open(self.path, os.O_WRONLY)
                 try:
@@ -212,7 +211,7 @@ class Exchange:
             self._replace_table({k: dataclasses.replace(e, seq=self._seq)
                                  for k, e in entries.items()}, size)
             try:
-                self._manifest.compact(list(self._table.values()), {"area_bytes": size},
+                self._manifest.compact(list(self._table.values()), self._header(),
                                        self._seq)
             except OSError as exc:
                 raise SwapIOError(exc.errno or errno.EIO, f"import from {src_path}: cannot "

@@ -133,8 +133,8 @@ class Writing:
                     else:
                         try:
                             self._check_writable(entry.key)
-                            self._manifest.append({"seq": entry.seq, "op": "put",
-                                                   "entry": entry.to_json()})
+                            self._record({"seq": entry.seq, "op": "put",
+                                          "entry": entry.to_json()})
                         except OSError as err:
                             # Not acknowledged: the append was cut back (or the manifest
                             # refuses appends), so no record points at the extent.

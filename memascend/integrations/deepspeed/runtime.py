@@ -76,8 +76,8 @@ class Runtime:
             if st is None:
                 private_dirs(folder)
                 st = SwapStore(os.path.join(folder, "memascend.swp"), engine=self.engine,
-                               pool=self.pool, durable=False, checksum=self.options.checksum,
-                               reset=True)
+                               pool=self.pool, durable=False, journal=False,
+                               checksum=self.options.checksum, reset=True)
                 self._stores[folder] = st
             return st
 

@@ -17,8 +17,9 @@ piece finishes (a parameter on NVMe is staged whole in the compute dtype, then w
 
 Pieces start at multiples of the piece size within the sub-group, and DeepSpeed's Adam
 kernel computes its bias correction once per step number, so the results are bitwise those of
-a whole-sub-group step. The step count of each sub-group is a small key in the same area, so
-it survives a checkpoint. :mod:`.stage3` routes stage 3's per-sub-group calls here.
+a whole-sub-group step. The step count of each sub-group is kept in memory and stored as a
+small key in the same area when the area is exported, so it survives a checkpoint.
+:mod:`.stage3` routes stage 3's per-sub-group calls here.
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ class StreamingOptimizerSwapper(_StoreBacked):
         self.sw = TensorSwapper(self.store, pool=self.rt.pool, budget_bytes=budget,
                                 plan_prefetch=False)
         self._numel: dict[str, int] = {}  # ds_id -> sub-group numel
-        self._steps: dict[str, int] = {}  # ds_id -> steps taken (cache of the step keys)
+        self._steps: dict[str, int] = {}  # ds_id -> steps taken (the step keys, or newer)
+        self._unwritten_steps: set[str] = set()  # changed since the area last held them
         self.grads: Any = None  # the GradPieces stage 3 writes gradients through, if any
         self.rt.optimizer_streams = True  # fast init reads partitions itself (params.py)
 
@@ -261,10 +263,21 @@ class StreamingOptimizerSwapper(_StoreBacked):
         return self._steps[ds_id]
 
     def _set_step(self, ds_id: str, step: int) -> None:
-        t = torch.zeros(_STEP_NUMEL, dtype=torch.int64)
-        t[0] = step
-        self.store.write(f"{ds_id}/step", t).wait()
+        """The sub-group's step count, in memory; it reaches the area when the area is
+        exported (:meth:`_write_steps`), so a step writes no metadata of its own."""
         self._steps[ds_id] = step
+        self._unwritten_steps.add(ds_id)
+
+    def _write_steps(self) -> None:
+        """Store the step counts changed since the last export (before an export)."""
+        handles = []
+        for ds_id in sorted(self._unwritten_steps):
+            t = torch.zeros(_STEP_NUMEL, dtype=torch.int64)
+            t[0] = self._steps[ds_id]
+            handles.append(self.store.write(f"{ds_id}/step", t))
+        for h in handles:
+            h.wait()
+        self._unwritten_steps.clear()
 
     # ---- the step ----
     def step_group(self, ds_id: str, parts: list[_Part],
@@ -361,8 +374,10 @@ class StreamingOptimizerSwapper(_StoreBacked):
 
     # ---- checkpoints and lifecycle ----
     def export_for_checkpoint(self) -> str:
-        """Finish the write-behind, then export the area (see :class:`._StoreBacked`)."""
+        """Finish the write-behind, store the step counts, then export the area (see
+        :class:`._StoreBacked`)."""
         self.sw.wait_idle(self.sw.config.wait_timeout)
+        self._write_steps()
         return super().export_for_checkpoint()
 
     def finish_import(self) -> None:
@@ -372,6 +387,7 @@ class StreamingOptimizerSwapper(_StoreBacked):
         if pending and not self._import_pending:
             self.sw.drop_resident()
             self._steps.clear()
+            self._unwritten_steps.clear()
 
     def stats(self) -> dict[str, Any]:
         """The streamed tier's swapper counters (bytes and counts); with streamed gradients,
