@@ -17,17 +17,14 @@ import torch
 
 from memascend.engine import SwapEngine
 from memascend.errors import SwapIOError
-from memascend.pool import PinnedPool
 from memascend.store import SwapStore
 
 MIB = 1 << 20
 
 
 @pytest.fixture
-def pool():
-    p = PinnedPool()
-    yield p
-    p.close()
+def pool(make_pool):
+    return make_pool()
 
 
 def slow_writes(seconds):

@@ -14,17 +14,14 @@ import pytest
 import torch
 
 from memascend.manifest import Entry
-from memascend.pool import PinnedPool
 from memascend.store import SwapStore
 
 MIB = 1 << 20
 
 
 @pytest.fixture
-def pool():
-    p = PinnedPool()
-    yield p
-    p.close()
+def pool(make_pool):
+    return make_pool()
 
 
 def holes(store):
