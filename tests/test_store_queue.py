@@ -114,3 +114,36 @@ def test_queued_write_without_room_fails_its_own_handle(tmp_path, pool):
         assert torch.equal(store.read_tensor("a").wait(60), torch.ones(MIB // 4))
         assert torch.equal(store.read_tensor("d").wait(60), torch.full((MIB // 4,), 2.0))
         assert store.stats().area_bytes <= 4 * MIB
+
+
+def test_a_queued_write_that_fails_keeps_the_old_version_and_the_queue_moves_on(tmp_path, pool):
+    gate = threading.Event()
+    bad: list[int] = []
+
+    def fault(op, path, offset, nbytes, done, res):
+        if op == "write" and not gate.is_set():
+            gate.wait(30)
+        if op == "write" and bad and offset == bad[0]:
+            bad.clear()
+            return -5  # EIO, once
+        return res
+
+    with SwapEngine(backend="threads", threads=2, fault=fault) as eng, \
+            SwapStore(str(tmp_path / "s"), engine=eng, pool=pool, durable=False,
+                      write_window=0, grow_bytes=MIB) as store:
+        gate.set()
+        for k in ("a", "b"):
+            store.write(k, torch.zeros(MIB // 4)).wait(60)
+        gate.clear()
+        first = store.write("a", torch.ones(MIB // 4))  # grows, held in flight
+        bad.append(store.info("a").offset)  # b's write will land in a's old extent: EIO
+        second = store.write("b", torch.full((MIB // 4,), 2.0))  # waits for a's extent
+        third = store.write("a", torch.full((MIB // 4,), 3.0))  # waits behind it
+        assert store.stats().writes_waited == 2
+        gate.set()
+        assert first.wait(60) == MIB
+        with pytest.raises(SwapIOError):
+            second.wait(60)
+        assert third.wait(60) == MIB
+        assert torch.equal(store.read_tensor("b").wait(60), torch.zeros(MIB // 4))
+        assert torch.equal(store.read_tensor("a").wait(60), torch.full((MIB // 4,), 3.0))

@@ -98,3 +98,32 @@ def test_entry_extents_round_trip_and_damage_is_refused():
         d = dict(e.to_json(), extents=bad)
         with pytest.raises(ValueError):
             Entry.from_json(d)
+
+
+def test_a_failed_extent_fails_the_write_and_the_key_keeps_its_old_version(tmp_path, pool):
+    from memascend.engine import SwapEngine
+    from memascend.errors import SwapIOError
+
+    fail_at = []
+
+    def fault(op, path, offset, nbytes, done, res):
+        if op == "write" and fail_at and offset == fail_at[0]:
+            return -5  # EIO on the second extent of the split write
+        return res
+
+    with SwapEngine(backend="threads", fault=fault) as eng, \
+            SwapStore(str(tmp_path / "s"), engine=eng, pool=pool, grow_bytes=MIB,
+                      durable=False) as store:
+        for i in range(6):
+            store.write(f"k{i}", torch.full((MIB // 4,), float(i))).wait(30)
+        store.write("big", torch.ones(MIB // 2)).wait(30)  # grows: one extent
+        store.delete("k1")
+        store.delete("k4")
+        used = store.stats().used_bytes
+        fail_at.append(sorted(o for o, _n in store._alloc.free_extents())[1])
+        h = store.write("big", torch.zeros(MIB // 2))  # split over the two holes
+        with pytest.raises(SwapIOError):
+            h.wait(30)
+        s = store.stats()
+        assert s.writes_split == 1 and s.write_errors == 1 and s.used_bytes == used
+        assert torch.equal(store.read_tensor("big").wait(30), torch.ones(MIB // 2))
