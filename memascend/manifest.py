@@ -35,7 +35,8 @@ from typing import Any, Iterator, Optional
 from .errors import MetadataError
 from .files import private_dirs, private_open, write_atomic
 
-FORMAT = 1
+FORMAT = 2  # 2: entries may list several extents; the header may mark an unjournaled store
+READS = (1, 2)  # snapshots of format 1 have neither
 
 # Indirections so tests can inject short and failed appends and a failing undo.
 _write = os.write
@@ -160,9 +161,9 @@ class Manifest:
             raise self._damaged(path, getattr(exc, "pos", 0), f"not valid JSON ({exc})") from None
         if not isinstance(doc, dict):
             raise self._damaged(path, 0, f"a {type(doc).__name__} instead of a manifest object")
-        if doc.get("format") != FORMAT:
+        if doc.get("format") not in READS:
             raise self._damaged(path, 0, f"unknown manifest format {doc.get('format')!r} "
-                                         f"(this version reads {FORMAT})")
+                                         f"(this version reads {READS})")
         body = doc.get("entries")
         if not isinstance(body, list) or doc.get("crc") != zlib.crc32(
                 json.dumps(body, sort_keys=True).encode()):

@@ -407,11 +407,18 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
         SwapIOError
             The snapshot could not be written (e.g. ENOSPC) or fsync failed. The store is
             closed all the same, and its journal still holds every stored key: reopening it
-            replays the journal.
+            replays the journal (a store with ``journal=False`` stays marked as not closed
+            and reopens only with ``reset=True``).
         """
         if self._closed:
             return
-        self.wait_idle()
+        while not self.wait_idle(0.2):
+            with self._mu:  # queued writes nobody could start (interpreter shutdown)
+                stranded = bool(self._queue) and not self._draining
+                if stranded:
+                    self._draining = True
+            if stranded:
+                self._drain()
         self._bg.shutdown(wait=True)
         failure: Optional[SwapIOError] = None
         with self._mu:
@@ -425,8 +432,10 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
             except OSError as exc:
                 failure = SwapIOError(
                     exc.errno or errno.EIO, f"closing {self.path}: cannot write the manifest "
-                    f"snapshot ({exc.strerror or exc}); the journal still holds every key and "
-                    "the store reopens from it", path=self._manifest.snapshot_path)
+                    f"snapshot ({exc.strerror or exc}); " +
+                    ("the journal still holds every key and the store reopens from it"
+                     if self.config.journal else "the store has no journal: it reopens only "
+                     "with reset=True"), path=self._manifest.snapshot_path)
                 failure.__cause__ = exc
             finally:
                 self._manifest.close()

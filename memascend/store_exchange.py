@@ -88,7 +88,7 @@ def read_export(src_path: str) -> tuple[dict[str, Entry], int]:
     try:
         manifest = Manifest(meta)
         try:
-            entries, _header, seq = manifest.load()
+            entries, header, seq = manifest.load()
         finally:
             manifest.close()
         size = os.stat(src_path).st_size // ALIGN * ALIGN
@@ -97,6 +97,12 @@ def read_export(src_path: str) -> tuple[dict[str, Entry], int]:
     except OSError as exc:
         raise SwapIOError(exc.errno or errno.EIO, f"cannot read the exported store: {exc}",
                           path=src_path) from exc
+    for mark, what in (("unjournaled", "a store without a journal that was open (or was "
+                                       "killed) when it was copied"),
+                       ("importing", "a store whose import was interrupted")):
+        if header.get(mark):  # its snapshot does not say what it holds
+            raise MetadataError(f"cannot import {src_path}: it is {what}, not an export; "
+                                "its contents are unknown", path=meta)
     place_entries(ExtentAllocator(size), entries.values(), src_path, meta)
     return entries, seq
 

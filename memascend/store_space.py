@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -126,10 +127,24 @@ class AreaSpace:
         self._kick()
 
     def _kick(self) -> None:
-        """Start the queued writes that fit, on the helper thread (lock held)."""
+        """Start the queued writes that fit, on the helper thread (lock held). Never raises:
+        once the interpreter is shutting down the executor refuses work, and a thread of
+        its own drains instead (or, if even that is refused, :meth:`close`)."""
         if self._queue and not self._draining:
             self._draining = True
-            self._bg.submit(self._drain)
+            try:
+                self._in_background(self._drain)
+            except RuntimeError:
+                self._draining = False
+
+    def _in_background(self, fn: Any) -> None:
+        """Run ``fn`` on the store's helper threads; once the interpreter is shutting down
+        (the executor then refuses work) on a thread of its own. RuntimeError if neither
+        can start."""
+        try:
+            self._bg.submit(fn)
+        except RuntimeError:
+            threading.Thread(target=fn, name="memascend-store-helper", daemon=True).start()
 
     def _drain(self) -> None:
         """Place and start queued writes in order until one has to wait again. A write that

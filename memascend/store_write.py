@@ -207,5 +207,5 @@ class Writing:
             except BaseException as exc:
                 out.set_exception(exc)
 
-        self._bg.submit(run)
+        self._in_background(run)
         return out

@@ -244,3 +244,19 @@ def test_files_are_private_whatever_the_umask(tmp_path):
     assert os.stat(folder).st_mode & 0o777 == 0o700
     for name in ("manifest.json", "journal.log"):
         assert os.stat(folder / name).st_mode & 0o777 == 0o600, name
+
+
+def test_a_snapshot_of_format_1_still_loads(tmp_path):
+    """Stores written before entries could list several extents (format 1) open as before."""
+    m = Manifest(str(tmp_path / "meta"))
+    m.compact([Entry("a", 0, 10, None, None, None, 1)], {"area_bytes": 4096}, 1)
+    m.close()
+    snap = tmp_path / "meta" / "manifest.json"
+    doc = json.loads(snap.read_text())
+    assert doc["format"] == 2
+    doc["format"] = 1
+    snap.write_text(json.dumps(doc))
+    m = Manifest(str(tmp_path / "meta"))
+    entries, _header, seq = m.load()
+    m.close()
+    assert list(entries) == ["a"] and seq == 1

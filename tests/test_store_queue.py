@@ -35,13 +35,20 @@ def slow_writes(seconds):
     return fault
 
 
-def rewrite_rounds(store, keys, rounds):
-    """Overwrite every key each round, all writes of a round in flight at once."""
+def rewrite_rounds(store, pool, keys, rounds):
+    """Overwrite every key each round, all writes of a round issued at once, from pinned
+    leases (written directly, not through the store's two bounce threads)."""
     for rnd in range(1, rounds + 1):
-        hs = [store.write(k, torch.full((MIB // 4,), float(rnd * 100 + i)))
-              for i, k in enumerate(keys)]
+        leases, hs = [], []
+        for i, k in enumerate(keys):
+            lease = pool.lease(MIB)
+            lease.as_tensor(torch.float32, (MIB // 4,)).fill_(float(rnd * 100 + i))
+            leases.append(lease)
+            hs.append(store.write(k, lease, dtype="float32", shape=(MIB // 4,)))
         for h in hs:
             assert h.wait(60) == MIB
+        for lease in leases:
+            lease.release()
 
 
 @pytest.mark.parametrize("window,grows", [(0, False), (1 << 40, True)])
@@ -53,7 +60,7 @@ def test_overwrites_in_flight_wait_for_room_instead_of_growing(tmp_path, pool, w
         for k in keys:
             store.write(k, torch.zeros(MIB // 4)).wait(60)
         area0 = store.stats().area_bytes
-        rewrite_rounds(store, keys, 4)
+        rewrite_rounds(store, pool, keys, 4)
         s = store.stats()
         for i, k in enumerate(keys):
             assert torch.equal(store.read_tensor(k).wait(60),

@@ -70,3 +70,17 @@ def test_a_store_killed_open_refuses_to_reopen_but_with_reset(tmp_path):
 def test_without_a_journal_the_store_cannot_be_durable():
     with pytest.raises(ConfigError, match="journal"):
         SwapStore("/nonexistent/x", journal=False)
+
+
+def test_a_copy_of_an_open_unjournaled_store_is_not_imported(tmp_path):
+    import shutil
+
+    path = str(tmp_path / "s")
+    with SwapStore(path, durable=False, journal=False, reset=True) as store:
+        store.write("k", torch.ones(1024)).wait(30)
+        shutil.copy(path, str(tmp_path / "copy"))  # a live copy: its snapshot is from open
+        shutil.copytree(path + ".meta", str(tmp_path / "copy.meta"))
+        os.remove(str(tmp_path / "copy.meta" / "lock"))
+        with SwapStore(str(tmp_path / "t"), durable=False) as other:
+            with pytest.raises(MetadataError, match="not an export"):
+                other.import_from(str(tmp_path / "copy"))

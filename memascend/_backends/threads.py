@@ -37,7 +37,14 @@ class ThreadsBackend:
         with self._mu:
             self._stats["submit_calls"] += 1
         for w in works:
-            self._pool.submit(self._run, w)
+            try:
+                self._pool.submit(self._run, w)
+            except RuntimeError:  # the interpreter is shutting down: the pool takes no work
+                try:
+                    threading.Thread(target=self._run, args=(w,), name="memascend-io-exit",
+                                     daemon=True).start()
+                except RuntimeError:
+                    self._run(w)
 
     def _run(self, w: Work) -> None:
         local: dict[str, int] = {}
