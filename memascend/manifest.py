@@ -68,6 +68,13 @@ class Entry:
             return self.extents
         return ((self.offset, -(-self.nbytes // 4096) * 4096),)
 
+    def where(self) -> str:
+        """Where the key lies, for messages: ``offset N`` or ``N extents (offset:length, ...)``."""
+        if self.extents is None:
+            return f"offset {self.offset}"
+        return f"{len(self.extents)} extents (" + \
+            ", ".join(f"{o}:{n}" for o, n in self.extents) + ")"
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = asdict(self)

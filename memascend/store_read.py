@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any, Optional
 
 from . import _native
-from .errors import ChecksumError
+from .errors import ChecksumError, KeyNotFoundError
 from .extents import ALIGN, round_up
 from .handle import SwapHandle
 from .manifest import Entry
@@ -77,14 +77,14 @@ class Reading:
             ``dst`` is too small or not writable.
         """
         self._check_open()
-        entry = self.info(key)
         addr, cap, room, keep, _dt, _sh = _memory_of(dst, writable=True)
-        if cap < entry.nbytes:
-            raise ValueError(f"destination holds {cap} bytes, {key!r} has {entry.nbytes}")
+
+        def fits(entry: Entry) -> None:
+            if cap < entry.nbytes:
+                raise ValueError(f"destination holds {cap} bytes, {key!r} has {entry.nbytes}")
+
+        entry = self._pin_entry(key, fits)
         rounded = round_up(entry.nbytes)
-        with self._mu:
-            self._pin(entry.offset)
-            self._pending += 1
         aligned = addr % ALIGN == 0
         space = room if room is not None else cap
         if aligned and space >= rounded:
@@ -96,6 +96,20 @@ class Reading:
         inner.add_done_callback(lambda h: self._read_done(h, entry, addr, out, keep))
         return out
 
+    def _pin_entry(self, key: str, check: Any) -> Entry:
+        """``key``'s entry, checked by ``check`` (raises ValueError) and pinned against reuse
+        with the read counted as pending, in one step under the lock: an overwrite landing
+        in between cannot release the extents being read."""
+        with self._mu:
+            entry = self._table.get(key)
+            if entry is None:
+                raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r} "
+                                       f"({len(self._table)} keys stored)")
+            check(entry)
+            self._pin(entry.offset)
+            self._pending += 1
+        return entry
+
     def _read_done(self, h: SwapHandle, entry: Entry, addr: int, out: SwapHandle,
                    keep: Any) -> None:
         exc = h.exception(0)
@@ -103,8 +117,8 @@ class Reading:
             actual = crc32c(addr, entry.nbytes)
             if actual != entry.crc:
                 exc = ChecksumError(
-                    f"checksum mismatch for {entry.key!r} in {self.path} at offset "
-                    f"{entry.offset} ({entry.nbytes} bytes): stored {entry.crc:#010x}, read "
+                    f"checksum mismatch for {entry.key!r} in {self.path} at "
+                    f"{entry.where()} ({entry.nbytes} bytes): stored {entry.crc:#010x}, read "
                     f"{actual:#010x}", key=entry.key, path=self.path, offset=entry.offset,
                     nbytes=entry.nbytes, expected=entry.crc, actual=actual)
         with self._mu:
@@ -136,15 +150,16 @@ class Reading:
             Unknown key; a range outside the tensor, a misaligned start, a small buffer.
         """
         self._check_open()
-        entry = self.info(key)
-        if start % ALIGN or start < 0 or nbytes <= 0 or start + nbytes > entry.nbytes:
-            raise ValueError(f"range {start}+{nbytes} of {key!r} ({entry.nbytes} bytes): start "
-                             f"must be a multiple of {ALIGN} and the range inside the tensor")
         if not isinstance(dst, Lease) or dst.size < round_up(nbytes):
             raise ValueError(f"read_range needs a lease of at least {round_up(nbytes)} bytes")
-        with self._mu:
-            self._pin(entry.offset)
-            self._pending += 1
+
+        def inside(entry: Entry) -> None:
+            if start % ALIGN or start < 0 or nbytes <= 0 or start + nbytes > entry.nbytes:
+                raise ValueError(f"range {start}+{nbytes} of {key!r} ({entry.nbytes} bytes): "
+                                 f"start must be a multiple of {ALIGN} and the range inside "
+                                 "the tensor")
+
+        entry = self._pin_entry(key, inside)
         inner = self._transfer("read", dst.address, entry.spans(), start, round_up(nbytes), key)
         out = SwapHandle(f"read of {key!r}[{start}:{start + nbytes}]")
         unverified = dataclasses.replace(entry, crc=None, nbytes=nbytes)  # result: range size

@@ -104,7 +104,7 @@ class Loading:
         del dst
         if entry.crc is not None and crc != entry.crc:
             raise ChecksumError(
-                f"checksum mismatch for {r.key!r} in {self.store.path} at offset {entry.offset} "
+                f"checksum mismatch for {r.key!r} in {self.store.path} at {entry.where()} "
                 f"({entry.nbytes} bytes): stored {entry.crc:#010x}, read {crc:#010x}",
                 key=r.key, path=self.store.path, offset=entry.offset, nbytes=entry.nbytes,
                 expected=entry.crc, actual=crc)
