@@ -140,7 +140,10 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
         self._readers: dict[int, int] = {}
         self._deferred: list[tuple[int, int, int]] = []  # (entry pinned, offset, length)
         self._quarantine: list[tuple[int, int]] = []
-        self._tombstones: dict[str, int] = {}  # key -> seq of its delete
+        # key -> seq of its delete or rename, kept only while a write of it issued before
+        # is in flight (that write must then lose); writes issued and not landed, by key
+        self._tombstones: dict[str, int] = {}
+        self._issued: dict[str, int] = {}
         self._queue: collections.deque[_Write] = collections.deque()  # see store_space
         self._draining = False
         self._inflight_bytes = 0
@@ -317,7 +320,8 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
                 raise self._err(err.errno or errno.EIO, f"journal append of the delete "
                                 f"failed: {err}", key, e.offset, e.nbytes) from err
             del self._table[key]
-            self._tombstones[key] = self._seq
+            if self._issued.get(key):
+                self._tombstones[key] = self._seq
             self._release(e)
 
     def rename(self, key: str, new_key: str) -> None:
@@ -356,7 +360,8 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
                 raise self._err(err.errno or errno.EIO, f"journal append of the rename to "
                                 f"{new_key!r} failed: {err}", key, e.offset, e.nbytes) from err
             del self._table[key]
-            self._tombstones[key] = self._seq
+            if self._issued.get(key):
+                self._tombstones[key] = self._seq
             old = self._table.get(new_key)
             self._table[new_key] = moved
             self._tombstones.pop(new_key, None)
@@ -382,6 +387,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
         self._quarantine.clear()
         self._deferred.clear()
         self._tombstones.clear()
+        self._issued.clear()
 
     def stats(self) -> StoreStats:
         """A snapshot of the counters."""

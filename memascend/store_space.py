@@ -120,6 +120,20 @@ class AreaSpace:
         self._inflight_bytes += round_up(job.nbytes)
         self._freeing += job.frees
 
+    def _issue(self, job: _Write) -> None:
+        """``job`` was placed or queued (lock held)."""
+        self._issued[job.key] = self._issued.get(job.key, 0) + 1
+
+    def _settled(self, job: _Write) -> None:
+        """``job`` is over, landed or failed (lock held): a tombstone of its key is needed
+        no longer once no write of the key issued before it is in flight."""
+        n = self._issued.get(job.key, 1) - 1
+        if n:
+            self._issued[job.key] = n
+        else:
+            self._issued.pop(job.key, None)
+            self._tombstones.pop(job.key, None)
+
     def _landed(self, job: _Write) -> None:
         """``job``'s I/O is over, done or failed (lock held): queued writes may go now."""
         self._inflight_bytes -= round_up(job.nbytes)
@@ -164,6 +178,7 @@ class AreaSpace:
                         spans = ((self._allocate(job.key, job.nbytes), round_up(job.nbytes)),)
                     except Exception as exc:  # noqa: BLE001 - handed to the caller's handle
                         self._queue.popleft()
+                        self._settled(job)
                         failed.append((job, exc))
                         continue
                 self._queue.popleft()

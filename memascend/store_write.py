@@ -75,6 +75,7 @@ class Writing:
         with self._mu:
             self._check_writable(key)
             spans = self._place_or_queue(job)  # raises at once on ENOSPC
+            self._issue(job)
             self._seq += 1
             job.seq = self._seq
             self._begin()
@@ -105,6 +106,7 @@ class Writing:
             with self._mu:
                 self._free_spans(spans)
                 self._landed(job)
+                self._settled(job)
             raise
         inner.add_done_callback(lambda h: self._write_done(h, entry, job))
 
@@ -118,39 +120,42 @@ class Writing:
             entry = dataclasses.replace(entry, crc=crc32c(addr, entry.nbytes))
         try:
             with self._mu:
-                self._landed(job)
-                if exc is not None:
-                    self._free_spans(entry.spans())  # nothing points to them
-                    self._counts["write_errors"] += 1
-                else:
-                    cur = self._table.get(entry.key)
-                    newer = (cur is not None and cur.seq > entry.seq) or \
-                        self._tombstones.get(entry.key, 0) > entry.seq
-                    if newer:  # a newer write, or a delete issued after this write, won
-                        self._release(entry)
-                        self._counts["writes"] += 1
-                        self._counts["bytes_written"] += entry.nbytes
+                try:
+                    self._landed(job)
+                    if exc is not None:
+                        self._free_spans(entry.spans())  # nothing points to them
+                        self._counts["write_errors"] += 1
                     else:
-                        try:
-                            self._check_writable(entry.key)
-                            self._record({"seq": entry.seq, "op": "put",
-                                          "entry": entry.to_json()})
-                        except OSError as err:
-                            # Not acknowledged: the append was cut back (or the manifest
-                            # refuses appends), so no record points at the extent.
-                            self._free_spans(entry.spans())
-                            self._counts["write_errors"] += 1
-                            exc = _keyed(err, entry.key) if isinstance(err, MetadataError) \
-                                else self._err(err.errno or errno.EIO, f"journal append "
-                                               f"failed: {err}", entry.key, entry.offset,
-                                               entry.nbytes)
-                        else:
-                            self._table[entry.key] = entry
-                            self._tombstones.pop(entry.key, None)
-                            if cur is not None:
-                                self._release(cur)
+                        cur = self._table.get(entry.key)
+                        newer = (cur is not None and cur.seq > entry.seq) or \
+                            self._tombstones.get(entry.key, 0) > entry.seq
+                        if newer:  # a newer write, or a delete issued after this write, won
+                            self._release(entry)
                             self._counts["writes"] += 1
                             self._counts["bytes_written"] += entry.nbytes
+                        else:
+                            try:
+                                self._check_writable(entry.key)
+                                self._record({"seq": entry.seq, "op": "put",
+                                              "entry": entry.to_json()})
+                            except OSError as err:
+                                # Not acknowledged: the append was cut back (or the manifest
+                                # refuses appends), so no record points at the extent.
+                                self._free_spans(entry.spans())
+                                self._counts["write_errors"] += 1
+                                exc = _keyed(err, entry.key) if isinstance(err, MetadataError) \
+                                    else self._err(err.errno or errno.EIO, f"journal append "
+                                                   f"failed: {err}", entry.key, entry.offset,
+                                                   entry.nbytes)
+                            else:
+                                self._table[entry.key] = entry
+                                self._tombstones.pop(entry.key, None)
+                                if cur is not None:
+                                    self._release(cur)
+                                self._counts["writes"] += 1
+                                self._counts["bytes_written"] += entry.nbytes
+                finally:
+                    self._settled(job)
         finally:
             self._end()
         if exc is not None:

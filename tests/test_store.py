@@ -356,3 +356,15 @@ os.kill(os.getpid(), signal.SIGKILL)
         assert torch.equal(s.read_tensor("a").wait(30), torch.full((5000,), 2.0))
     with SwapStore(path) as s:
         assert s.keys() == ["a"]
+
+
+def test_deletes_of_many_unique_keys_leave_no_tombstones(tmp_path, pool):
+    """The activation tier writes and deletes a new key per saved tensor: the store must not
+    remember every deleted key (a tombstone is kept only while a write of it is in flight)."""
+    with SwapStore(str(tmp_path / "s"), pool=pool, durable=False) as store:
+        for i in range(200):
+            store.write(f"a/{i}", torch.full((1024,), float(i))).wait(30)
+            store.delete(f"a/{i}")
+        store.write("k", torch.ones(1024)).wait(30)
+        store.rename("k", "j")
+        assert store._tombstones == {} and store._issued == {}
