@@ -450,7 +450,10 @@ class TensorSwapper(Loading, Prefetching):
                 self.buffers.put(staged)
             if r is not None:
                 r.writing -= 1
-                if not r.writing and r.drop_after_write and not r.users:
+                # a failed write leaves the key at its stored version (or none): a resident
+                # copy nobody holds would serve bytes the store does not have, so it goes
+                if not r.writing and not r.users and \
+                        (r.drop_after_write or (exc is not None and self._res.get(r.key) is r)):
                     self._drop(r)
             if exc is None:
                 self._c["writes"] += 1

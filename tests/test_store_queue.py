@@ -154,3 +154,36 @@ def test_a_queued_write_that_fails_keeps_the_old_version_and_the_queue_moves_on(
         assert third.wait(60) == MIB
         assert torch.equal(store.read_tensor("b").wait(60), torch.zeros(MIB // 4))
         assert torch.equal(store.read_tensor("a").wait(60), torch.full((MIB // 4,), 3.0))
+
+
+def test_a_swapper_forgets_a_resident_copy_whose_write_failed(tmp_path, pool):
+    """A queued write that finds no room fails through its handle: the swapper must not keep
+    serving the unwritten bytes from memory (the store holds the old version)."""
+    from memascend.swapper import TensorSwapper
+
+    gate = threading.Event()
+
+    def fault(op, path, offset, nbytes, done, res):
+        if op == "write" and not gate.is_set():
+            gate.wait(30)
+        return res
+
+    with SwapEngine(backend="threads", threads=2, fault=fault) as eng, \
+            SwapStore(str(tmp_path / "s"), engine=eng, pool=pool, durable=False,
+                      write_window=0, capacity=4 * MIB, grow_bytes=MIB) as store, \
+            TensorSwapper(store, pool=pool, budget_bytes=16 * MIB) as sw:
+        gate.set()
+        for k in ("a", "b", "c"):
+            sw.swap_out(k, torch.zeros(MIB // 4)).wait(60)
+        gate.clear()
+        first = sw.swap_out("a", torch.ones(MIB // 4), release=False)  # grows to 4 MiB
+        d = sw.swap_out("d", torch.full((MIB // 4,), 2.0), release=False)  # waits for room
+        e = sw.swap_out("b", torch.full((MIB // 4,), 3.0), release=False)  # then none left
+        gate.set()
+        first.wait(60)
+        d.wait(60)
+        with pytest.raises(SwapIOError):
+            e.wait(60)
+        sw.wait_idle()
+        assert torch.equal(sw.swap_in("b").wait(60), torch.zeros(MIB // 4))
+        sw.release("b")
