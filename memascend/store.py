@@ -26,8 +26,8 @@ Safety rules:
 - I/O is O_DIRECT: buffers, offsets and lengths aligned to 4096. Pool leases are used as they
   are; other memory (any tensor, bytes) is bounced through aligned leases in chunks.
 - One process at a time: the metadata folder is locked (flock).
-- ``journal=False`` (non-durable scratch areas, always opened with ``reset=True``): no journal
-  record per change; the table reaches the snapshot when the store closes, and a store that
+- ``journal=False`` (non-durable scratch areas their owners open with ``reset=True``): no
+  journal record per change; the table reaches the snapshot when the store closes, and a store that
   was not closed refuses to reopen except with ``reset=True``.
 
 Four parts live in modules of their own: how the area's space is placed, grown and reused

@@ -67,7 +67,7 @@ class StoreConfig:
     journal:
         ``True`` (default): every change is appended to the journal before it is
         acknowledged, so a reopen after a kill (or, durable, a crash) finds each key at its
-        old or new version. ``False`` (non-durable scratch areas that are always opened with
+        old or new version. ``False`` (for non-durable scratch areas their owner opens with
         ``reset=True``: ``offload_model``'s and the drop-in's tiers): no journal record per
         write (about 250 B of metadata written and a JSON encoding per write saved); the
         table is written only when the store closes, and a store that was not closed refuses
