@@ -35,6 +35,17 @@ def slow_writes(seconds):
     return fault
 
 
+def gated_writes():
+    """A fault injector that holds every write while its event is clear."""
+    gate = threading.Event()
+
+    def fault(op, path, offset, nbytes, done, res):
+        if op == "write" and not gate.is_set():
+            gate.wait(30)
+        return res
+    return gate, fault
+
+
 def rewrite_rounds(store, pool, keys, rounds):
     """Overwrite every key each round, all writes of a round issued at once, from pinned
     leases (written directly, not through the store's two bounce threads)."""
@@ -92,12 +103,7 @@ def test_queued_writes_of_one_key_land_in_order_and_reopen(tmp_path, pool):
 
 
 def test_queued_write_without_room_fails_its_own_handle(tmp_path, pool):
-    gate = threading.Event()
-
-    def fault(op, path, offset, nbytes, done, res):
-        if op == "write" and not gate.is_set():
-            gate.wait(30)
-        return res
+    gate, fault = gated_writes()
 
     with SwapEngine(backend="threads", threads=2, fault=fault) as eng, \
             SwapStore(str(tmp_path / "s"), engine=eng, pool=pool, durable=False,
@@ -161,12 +167,7 @@ def test_a_swapper_forgets_a_resident_copy_whose_write_failed(tmp_path, pool):
     serving the unwritten bytes from memory (the store holds the old version)."""
     from memascend.swapper import TensorSwapper
 
-    gate = threading.Event()
-
-    def fault(op, path, offset, nbytes, done, res):
-        if op == "write" and not gate.is_set():
-            gate.wait(30)
-        return res
+    gate, fault = gated_writes()
 
     with SwapEngine(backend="threads", threads=2, fault=fault) as eng, \
             SwapStore(str(tmp_path / "s"), engine=eng, pool=pool, durable=False,
