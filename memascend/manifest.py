@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional
 
 from .errors import MetadataError
+from .extents import round_up
 from .files import private_dirs, private_open, write_atomic
 
 FORMAT = 2  # 2: entries may list several extents; the header may mark an unjournaled store
@@ -66,7 +67,7 @@ class Entry:
         """The ``(offset, length)`` extents holding the key's bytes, in order."""
         if self.extents is not None:
             return self.extents
-        return ((self.offset, -(-self.nbytes // 4096) * 4096),)
+        return ((self.offset, round_up(self.nbytes)),)
 
     def where(self) -> str:
         """Where the key lies, for messages: ``offset N`` or ``N extents (offset:length, ...)``."""
@@ -117,7 +118,7 @@ class Entry:
                         any(not isinstance(v, int) or isinstance(v, bool) or v < 0 or v % 4096
                             for v in x) or x[1] == 0 for x in extents) or \
                     extents[0][0] != offset or \
-                    sum(x[1] for x in extents) != -(-nbytes // 4096) * 4096:
+                    sum(x[1] for x in extents) != round_up(nbytes):
                 raise ValueError(f"not a valid entry (extents): {json.dumps(d)[:200]}")
             extents = tuple((int(o), int(n)) for o, n in extents)
         return cls(key=key, offset=offset, nbytes=nbytes, dtype=dtype,

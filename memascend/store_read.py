@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any, Optional
 
 from . import _native
-from .errors import ChecksumError, KeyNotFoundError
+from .errors import ChecksumError
 from .extents import ALIGN, round_up
 from .handle import SwapHandle
 from .manifest import Entry
@@ -101,10 +101,7 @@ class Reading:
         with the read counted as pending, in one step under the lock: an overwrite landing
         in between cannot release the extents being read."""
         with self._mu:
-            entry = self._table.get(key)
-            if entry is None:
-                raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r} "
-                                       f"({len(self._table)} keys stored)")
+            entry = self.info(key)  # the lock is reentrant
             check(entry)
             self._pin(entry.offset)
             self._pending += 1

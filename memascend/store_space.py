@@ -80,16 +80,21 @@ class AreaSpace:
     def _place_or_queue(self, job: _Write) -> Optional[Spans]:
         """Extents for ``job`` (lock held), or None when it was queued to wait for the
         overwrites in flight (see the module docstring). Raises as :meth:`_allocate` does."""
-        spans = None
-        if not self._queue:
-            spans = self._place_free(job.nbytes)
-            if spans is None and not self._waits(job.nbytes):
-                spans = ((self._allocate(job.key, job.nbytes), round_up(job.nbytes)),)
+        spans = None if self._queue else self._place(job)
         if spans is None:
             self._queue.append(job)
             self._counts["writes_waited"] += 1
             return None
         self._launched(job)
+        return spans
+
+    def _place(self, job: _Write) -> Optional[Spans]:
+        """Extents for ``job`` (lock held): in free space, else None when it should wait for
+        the overwrites in flight (:meth:`_waits`), else in a grown area (raises as
+        :meth:`_allocate` does)."""
+        spans = self._place_free(job.nbytes)
+        if spans is None and not self._waits(job.nbytes):
+            spans = ((self._allocate(job.key, job.nbytes), round_up(job.nbytes)),)
         return spans
 
     def _place_free(self, nbytes: int) -> Optional[Spans]:
@@ -135,9 +140,11 @@ class AreaSpace:
             self._tombstones.pop(job.key, None)
 
     def _landed(self, job: _Write) -> None:
-        """``job``'s I/O is over, done or failed (lock held): queued writes may go now."""
+        """``job``'s I/O is over, done or failed, and its outcome recorded (lock held): it
+        is settled, and queued writes may go now."""
         self._inflight_bytes -= round_up(job.nbytes)
         self._freeing -= job.frees
+        self._settled(job)
         self._kick()
 
     def _kick(self) -> None:
@@ -169,18 +176,16 @@ class AreaSpace:
             self._draining = False
             while self._queue:
                 job = self._queue[0]
-                spans = self._place_free(job.nbytes)
+                try:
+                    self._check_writable(job.key)
+                    spans = self._place(job)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller's handle
+                    self._queue.popleft()
+                    self._settled(job)
+                    failed.append((job, exc))
+                    continue
                 if spans is None:
-                    if self._waits(job.nbytes):
-                        break
-                    try:
-                        self._check_writable(job.key)
-                        spans = ((self._allocate(job.key, job.nbytes), round_up(job.nbytes)),)
-                    except Exception as exc:  # noqa: BLE001 - handed to the caller's handle
-                        self._queue.popleft()
-                        self._settled(job)
-                        failed.append((job, exc))
-                        continue
+                    break
                 self._queue.popleft()
                 self._launched(job)
                 start.append((job, spans))

@@ -106,7 +106,6 @@ class Writing:
             with self._mu:
                 self._free_spans(spans)
                 self._landed(job)
-                self._settled(job)
             raise
         inner.add_done_callback(lambda h: self._write_done(h, entry, job))
 
@@ -121,47 +120,50 @@ class Writing:
         try:
             with self._mu:
                 try:
-                    self._landed(job)
-                    if exc is not None:
-                        self._free_spans(entry.spans())  # nothing points to them
-                        self._counts["write_errors"] += 1
-                    else:
-                        cur = self._table.get(entry.key)
-                        newer = (cur is not None and cur.seq > entry.seq) or \
-                            self._tombstones.get(entry.key, 0) > entry.seq
-                        if newer:  # a newer write, or a delete issued after this write, won
-                            self._release(entry)
-                            self._counts["writes"] += 1
-                            self._counts["bytes_written"] += entry.nbytes
-                        else:
-                            try:
-                                self._check_writable(entry.key)
-                                self._record({"seq": entry.seq, "op": "put",
-                                              "entry": entry.to_json()})
-                            except OSError as err:
-                                # Not acknowledged: the append was cut back (or the manifest
-                                # refuses appends), so no record points at the extent.
-                                self._free_spans(entry.spans())
-                                self._counts["write_errors"] += 1
-                                exc = _keyed(err, entry.key) if isinstance(err, MetadataError) \
-                                    else self._err(err.errno or errno.EIO, f"journal append "
-                                                   f"failed: {err}", entry.key, entry.offset,
-                                                   entry.nbytes)
-                            else:
-                                self._table[entry.key] = entry
-                                self._tombstones.pop(entry.key, None)
-                                if cur is not None:
-                                    self._release(cur)
-                                self._counts["writes"] += 1
-                                self._counts["bytes_written"] += entry.nbytes
+                    exc = self._switch(entry, exc)
                 finally:
-                    self._settled(job)
+                    self._landed(job)
         finally:
             self._end()
         if exc is not None:
             out.set_exception(exc)
         else:
             out.set_result(entry.nbytes)
+
+    def _switch(self, entry: Entry, exc: Optional[BaseException]) -> Optional[BaseException]:
+        """A write's outcome (lock held): the key switched to ``entry`` (its journal record
+        appended first), or the new extents given back when the write failed, its record
+        could not be appended, or a newer write, delete or rename of the key won. Returns
+        the error to report, if any."""
+        if exc is not None:
+            self._free_spans(entry.spans())  # nothing points to them
+            self._counts["write_errors"] += 1
+            return exc
+        cur = self._table.get(entry.key)
+        if (cur is not None and cur.seq > entry.seq) or \
+                self._tombstones.get(entry.key, 0) > entry.seq:
+            self._release(entry)  # a newer write, or a delete issued after this write, won
+            self._counts["writes"] += 1
+            self._counts["bytes_written"] += entry.nbytes
+            return None
+        try:
+            self._check_writable(entry.key)
+            self._record({"seq": entry.seq, "op": "put", "entry": entry.to_json()})
+        except OSError as err:
+            # Not acknowledged: the append was cut back (or the manifest refuses appends),
+            # so no record points at the extents.
+            self._free_spans(entry.spans())
+            self._counts["write_errors"] += 1
+            return _keyed(err, entry.key) if isinstance(err, MetadataError) else \
+                self._err(err.errno or errno.EIO, f"journal append failed: {err}", entry.key,
+                          entry.offset, entry.nbytes)
+        self._table[entry.key] = entry
+        self._tombstones.pop(entry.key, None)
+        if cur is not None:
+            self._release(cur)
+        self._counts["writes"] += 1
+        self._counts["bytes_written"] += entry.nbytes
+        return None
 
     def _transfer(self, op: str, addr: int, spans: Spans, start: int, nbytes: int,
                   key: str) -> SwapHandle:
