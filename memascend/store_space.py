@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .background import run_in_background
 from .errors import SwapIOError
 from .extents import ALIGN, round_up
 from .handle import SwapHandle
@@ -159,13 +159,10 @@ class AreaSpace:
                 self._draining = False
 
     def _in_background(self, fn: Any) -> None:
-        """Run ``fn`` on the store's helper threads; once the interpreter is shutting down
-        (the executor then refuses work) on a thread of its own. RuntimeError if neither
-        can start."""
-        try:
-            self._bg.submit(fn)
-        except RuntimeError:
-            threading.Thread(target=fn, name="memascend-store-helper", daemon=True).start()
+        """Run ``fn`` on the store's helper threads (:func:`memascend.background
+        .run_in_background`: a thread of its own at interpreter shutdown). RuntimeError if
+        neither can start."""
+        run_in_background(self._bg, fn, name="memascend-store-helper")
 
     def _drain(self) -> None:
         """Place and start queued writes in order until one has to wait again. A write that

@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from ..background import run_in_background
 from .common import FaultFn, Work, transfer
 
 
@@ -37,14 +38,10 @@ class ThreadsBackend:
         with self._mu:
             self._stats["submit_calls"] += 1
         for w in works:
-            try:
-                self._pool.submit(self._run, w)
-            except RuntimeError:  # the interpreter is shutting down: the pool takes no work
-                try:
-                    threading.Thread(target=self._run, args=(w,), name="memascend-io-exit",
-                                     daemon=True).start()
-                except RuntimeError:
-                    self._run(w)
+            try:  # at interpreter shutdown the pool takes no work: a thread of its own
+                run_in_background(self._pool, self._run, w, name="memascend-io-exit")
+            except RuntimeError:
+                self._run(w)  # not even a thread: in the caller
 
     def _run(self, w: Work) -> None:
         local: dict[str, int] = {}
