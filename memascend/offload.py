@@ -21,7 +21,9 @@ to two swap tiers and returns an :class:`OffloadedModel` that drives training:
 
 The two swap tiers are scratch space (``durable=False``: no fsync per step; ``journal=False``:
 no metadata written per tensor; opened with ``reset=True``: whatever an earlier process left
-in ``swap_dir`` is discarded); durability comes from checkpoints (:meth:`save` /
+in ``swap_dir`` is discarded; with ``exact_undo=False`` a large overwrite is written in
+pieces, ``piece_bytes`` of :class:`memascend.store.StoreConfig`, so an area needs no room for
+a whole embedding's old and new version at once); durability comes from checkpoints (:meth:`save` /
 :meth:`load`, see :mod:`memascend.checkpoint`), which survive a crash at any point of a save.
 Pinned memory is one pool arena per tier, sized to its budget (or what the model needs, if
 less), mapped and locked once: a steady-state step maps and locks nothing new.
@@ -53,6 +55,7 @@ from .param_tier import ParamTier
 from .saved_views import SavedParamViews
 from .sizing import offload_queue_bytes
 from .store import SwapStore
+from .store_config import SCRATCH_PIECE_BYTES
 from .swapper import TensorSwapper
 
 __all__ = ["AdamW", "LossScaler", "OffloadedModel", "OffloadStats", "offload_model",
@@ -117,12 +120,16 @@ class OffloadedModel:
                 self.activations = self._open(act_tier.ActivationTier(
                     o.activations, self.swap_dir, budget=o.activation_budget, engine=self.engine,
                     overflow_pool=self.bounce_pool))
+            # exact_undo=False gives up whole-tensor atomicity anyway: overwrites in pieces
+            pieces = 0 if o.exact_undo else SCRATCH_PIECE_BYTES
             self.param_store = self._open(SwapStore(os.path.join(self.swap_dir, "params.swp"),
                                                     engine=self.engine, pool=self.bounce_pool,
-                                                    durable=False, journal=False, reset=True))
+                                                    durable=False, journal=False, reset=True,
+                                                    piece_bytes=pieces))
             self.optim_store = self._open(SwapStore(os.path.join(self.swap_dir, "optim.swp"),
                                                     engine=self.engine, pool=self.bounce_pool,
-                                                    durable=False, journal=False, reset=True))
+                                                    durable=False, journal=False, reset=True,
+                                                    piece_bytes=pieces))
             self.params_sw = self._open(TensorSwapper(self.param_store, pool=self.pool,
                                                       budget_bytes=budget_b,
                                                       overflow_pool=self.bounce_pool))

@@ -57,6 +57,7 @@ from .manifest import Entry, Manifest
 from .pool import PinnedPool
 from .store_config import StoreConfig, StoreStats
 from .store_exchange import Exchange, place_entries, read_export
+from .store_pieces import Pieces
 from .store_read import Reading, crc32c
 from .store_space import AreaSpace, _Write
 from .store_write import Writing, _keyed
@@ -64,7 +65,7 @@ from .store_write import Writing, _keyed
 __all__ = ["SwapStore", "StoreConfig", "StoreStats", "crc32c", "read_export", "place_entries"]
 
 
-class SwapStore(Writing, AreaSpace, Exchange, Reading):
+class SwapStore(Writing, Pieces, AreaSpace, Exchange, Reading):
     """Tensors by key in one swap area (see the module docstring).
 
     Parameters
@@ -144,11 +145,13 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
         # is in flight (that write must then lose); writes issued and not landed, by key
         self._tombstones: dict[str, int] = {}
         self._issued: dict[str, int] = {}
+        self._pieced: dict[str, Any] = {}  # key -> its piecewise write in flight
         self._queue: collections.deque[_Write] = collections.deque()  # see store_space
         self._draining = False
         self._inflight_bytes = 0
         self._freeing = 0
-        self._counts = {"writes": 0, "writes_waited": 0, "writes_split": 0, "reads": 0,
+        self._counts = {"writes": 0, "writes_waited": 0, "writes_split": 0,
+                        "writes_pieced": 0, "reads": 0,
                         "bytes_written": 0, "bytes_read": 0, "write_errors": 0, "read_errors": 0,
                         "checksum_failures": 0, "bounced_bytes": 0, "syncs": 0}
         self._closed = False
@@ -294,7 +297,8 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
             return len(self._table)
 
     def delete(self, key: str) -> None:
-        """Forget ``key``; its extent is reused after the next sync.
+        """Forget ``key``; its extent is reused after the next sync (at once in a non-durable
+        store). A piecewise overwrite of ``key`` in flight (``piece_bytes``) is waited for.
 
         Raises
         ------
@@ -307,6 +311,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
         """
         self._check_open()
         with self._mu:
+            self._wait_pieces(key)
             e = self._table.get(key)
             if e is None:
                 raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r}")
@@ -329,6 +334,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
 
         A version ``new_key`` had is released as by an overwrite. A write of ``key`` still in
         flight loses to the rename (as it would to a delete); one of ``new_key`` loses too.
+        A piecewise overwrite of either in flight (``piece_bytes``) is waited for first.
 
         Raises
         ------
@@ -343,6 +349,7 @@ class SwapStore(Writing, AreaSpace, Exchange, Reading):
         if not isinstance(new_key, str) or not new_key:
             raise ValueError(f"new_key must be a non-empty string, got {new_key!r}")
         with self._mu:
+            self._wait_pieces(key, new_key)
             e = self._table.get(key)
             if e is None:
                 raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r}")

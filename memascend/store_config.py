@@ -16,6 +16,7 @@ from .extents import ALIGN, round_up
 
 CHECKSUMS = ("crc32c", "none")
 DIRECT = ("auto", "on", "off")
+SCRATCH_PIECE_BYTES = 8 << 20  # piece_bytes of offload_model's tiers with exact_undo=False
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,15 @@ class StoreConfig:
         write (about 250 B of metadata written and a JSON encoding per write saved); the
         table is written only when the store closes, and a store that was not closed refuses
         to reopen except with ``reset=True``. Needs ``durable=False``.
+    piece_bytes:
+        0 (default): an overwrite is atomic, so while it is in flight the area holds the
+        tensor's old and new version. A positive size (needs ``journal=False``): an
+        overwrite larger than this, of the same size as the stored version, is written in
+        pieces of this size, each switching its range of the key and freeing that range of
+        the old version when it lands, so the area needs room for the pieces in flight
+        rather than for the whole tensor (:mod:`memascend.store_pieces`). A piece that fails
+        leaves its range at the old version and the rest new; the write's handle names the
+        ranges. ``offload_model(exact_undo=False)`` uses 8 MiB.
     bounce_bytes:
         Chunk size for bouncing unaligned memory through aligned leases (default 8 MiB).
     meta_dir:
@@ -87,6 +97,7 @@ class StoreConfig:
     durable: bool = True
     write_window: int = 32 << 20
     journal: bool = True
+    piece_bytes: int = 0
     bounce_bytes: int = 8 << 20
     meta_dir: Optional[str] = None
 
@@ -105,6 +116,13 @@ class StoreConfig:
         if not self.journal and self.durable:
             raise ConfigError("journal", "journal=False needs durable=False: a durable store "
                                          "is one that a reopen after a crash can trust")
+        pieces = parse_size("piece_bytes", self.piece_bytes)
+        if pieces and self.journal:
+            raise ConfigError("piece_bytes", "piece_bytes needs journal=False: a journaled "
+                                             "store keeps every key at its old or new version")
+        if pieces and pieces < ALIGN:
+            raise ConfigError("piece_bytes", f"must be 0 or at least {ALIGN} bytes, got {pieces}")
+        object.__setattr__(self, "piece_bytes", round_up(pieces))
         for key in ("grow_bytes", "bounce_bytes"):
             v = parse_size(key, getattr(self, key))
             if v < ALIGN:
@@ -124,7 +142,8 @@ class StoreStats:
     ``writes`` / ``reads`` count completed requests; ``bytes_written`` / ``bytes_read`` the
     tensor bytes they moved (a ``read_range`` counts its range); ``writes_waited`` the
     writes that waited for overwrites in flight to free room instead of growing the area;
-    ``writes_split`` those placed in several free extents because no single one held them.
+    ``writes_split`` those placed in several free extents because no single one held them;
+    ``writes_pieced`` the overwrites written in pieces (``piece_bytes``).
     """
 
     keys: int
@@ -139,6 +158,7 @@ class StoreStats:
     bytes_read: int
     writes_waited: int
     writes_split: int
+    writes_pieced: int
     write_errors: int
     read_errors: int
     checksum_failures: int

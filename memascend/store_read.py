@@ -78,6 +78,9 @@ class Reading:
         """
         self._check_open()
         addr, cap, room, keep, _dt, _sh = _memory_of(dst, writable=True)
+        later = self._after_pieces(key, lambda: self.read(key, dst), f"read of {key!r}")
+        if later is not None:  # its piecewise overwrite is in flight (store_pieces)
+            return later
 
         def fits(entry: Entry) -> None:
             if cap < entry.nbytes:
@@ -156,6 +159,10 @@ class Reading:
                                  f"start must be a multiple of {ALIGN} and the range inside "
                                  "the tensor")
 
+        later = self._after_pieces(key, lambda: self.read_range(key, dst, start, nbytes),
+                                   f"read of {key!r}[{start}:{start + nbytes}]")
+        if later is not None:  # its piecewise overwrite is in flight (store_pieces)
+            return later
         entry = self._pin_entry(key, inside)
         inner = self._transfer("read", dst.address, entry.spans(), start, round_up(nbytes), key)
         out = SwapHandle(f"read of {key!r}[{start}:{start + nbytes}]")

@@ -72,6 +72,8 @@ class _Write:
     out: SwapHandle
     seq: int = 0
     frees: int = 0  # bytes of the old version its landing releases (an overwrite)
+    part: Any = None  # a piece of this piecewise overwrite (memascend.store_pieces)
+    start: int = 0  # a piece's first byte in the key
 
 
 class AreaSpace:
@@ -120,8 +122,11 @@ class AreaSpace:
 
     def _launched(self, job: _Write) -> None:
         """``job`` got its extent and is about to start (lock held)."""
-        cur = self._table.get(job.key)
-        job.frees = round_up(cur.nbytes) if cur is not None else 0
+        if job.part is not None:  # a piece frees its range of the old version
+            job.frees = round_up(job.nbytes)
+        else:
+            cur = self._table.get(job.key)
+            job.frees = round_up(cur.nbytes) if cur is not None else 0
         self._inflight_bytes += round_up(job.nbytes)
         self._freeing += job.frees
 

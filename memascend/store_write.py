@@ -74,13 +74,21 @@ class Writing:
                      SwapHandle(f"write of {key!r}"))
         with self._mu:
             self._check_writable(key)
-            spans = self._place_or_queue(job)  # raises at once on ENOSPC
-            self._issue(job)
-            self._seq += 1
-            job.seq = self._seq
-            self._begin()
-            if spans is None:  # waits for overwrites in flight to free room (store_space)
-                return job.out
+            cur = self._pieceable(key, nbytes)
+            if cur is not None:  # in pieces (store_pieces); raises at once on ENOSPC
+                placed = self._write_pieces(job, cur)
+            else:
+                spans = self._place_or_queue(job)  # raises at once on ENOSPC
+                self._issue(job)
+                self._seq += 1
+                job.seq = self._seq
+                self._begin()
+                if spans is None:  # waits for overwrites in flight to free room (store_space)
+                    return job.out
+        if cur is not None:
+            for piece, piece_spans in placed:
+                self._launch_piece(piece, piece_spans)
+            return job.out
         try:
             self._launch(job, spans)
         except BaseException:
@@ -91,6 +99,9 @@ class Writing:
     def _launch(self, job: "_Write", spans: Spans) -> None:
         """Start the I/O of a placed write (no lock held). On a failure to start, the extents
         and the in-flight accounting are given back and the error raised."""
+        if job.part is not None:
+            self._launch_piece(job, spans)
+            return
         entry = Entry(job.key, spans[0][0], job.nbytes, job.dtype, job.shape, None, job.seq,
                       extents=spans if len(spans) > 1 else None)
         # crc: with checksums on, computed on the completion thread (_write_done)

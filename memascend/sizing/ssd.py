@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..store_config import StoreConfig
+from ..store_config import SCRATCH_PIECE_BYTES, StoreConfig
 from ..store_space import GROW_AHEAD_DIV
 from .common import round_up
 from .deepspeed import ds_align, ds_is_swappable, ds_numel_alignment
@@ -74,7 +74,9 @@ def store_slack_bytes(stored: int, staging: int, largest: Optional[int] = None,
     write that finds no room waits for the overwrites in flight while the store's
     ``write_window`` (32 MiB) is busy, and a tensor is split over free extents before an area
     grows for it (:mod:`memascend.store_space`), so with ``largest`` (the largest tensor
-    stored) each of the ``areas`` holds at most the window and one such tensor in flight:
+    stored, or the piece size of a store that writes overwrites in pieces,
+    :mod:`memascend.store_pieces`) each of the ``areas`` holds at most the window and one
+    such tensor in flight:
     the old and new version of a tensor must both exist until the new one is recorded (a
     killed process finds one or the other). Small models with large embeddings stay above
     1.1x by that; large ones come to ~1.02x."""
@@ -166,7 +168,9 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     aside for an exact undo: :mod:`memascend.fused`), so about twice the state without the
     gradients, plus the overwrites in flight and what the areas grew ahead
     (:func:`store_slack_bytes` of the two budgets); ``exact_undo=False`` keeps nothing
-    aside. Per step:
+    aside, and its tiers write a large overwrite in pieces of
+    :data:`memascend.store_config.SCRATCH_PIECE_BYTES`, so no more than one piece per area is
+    in flight beyond the window. Per step:
     every parameter is read in forward and again in backward unless the parameter tier holds
     the whole model (an upper bound: what is still cached when backward starts is not read
     again), per micro-batch; the update reads ``m`` and ``v`` (and the fp32 master when the
@@ -187,6 +191,8 @@ def offload_ssd_traffic(numels: Sequence[int], compute_bytes: int, budget: Optio
     # each update replaces them as it is made)
     aside = p + state if exact_undo else 0
     largest = max((round_up(n * 4) for n in numels), default=0)
+    if not exact_undo:  # its tiers write large overwrites in pieces (store_pieces)
+        largest = min(largest, SCRATCH_PIECE_BYTES)
     return SsdTraffic(capacity=p + o,
                       capacity_peak=p + o + aside + store_slack_bytes(p + o + aside, b + ob,
                                                                       largest),
