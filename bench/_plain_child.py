@@ -70,7 +70,10 @@ def _tier_counts(om: Any) -> dict[str, int]:
     ps = om.pool.stats()
     return {"read": r, "written": w, "mapped": ps.arenas_mapped_total, "locked": ps.locked,
             "leases": ps.leases_total, "area": sum(s.stats().area_bytes for s in stores),
-            "stored": sum(s.stats().stored_bytes for s in stores)}
+            "stored": sum(s.stats().stored_bytes for s in stores),
+            "areas": {name: {"area": s.stats().area_bytes, "stored": s.stats().stored_bytes,
+                             "pieced": getattr(s.stats(), "writes_pieced", 0)}
+                      for name, s in zip(("params", "optim"), stores)}}
 
 
 def main(spec_path: str) -> int:
@@ -136,7 +139,8 @@ def main(spec_path: str) -> int:
                        new_mappings=after["mapped"] - before["mapped"],
                        newly_locked=max(0, after["locked"] - before["locked"]),
                        new_leases=after["leases"] - before["leases"],
-                       swap_area=after["area"], swap_stored=after["stored"])
+                       swap_area=after["area"], swap_stored=after["stored"],
+                       swap_areas=after["areas"])
             stats = getattr(om, "stats", None)
             if callable(stats):
                 rec["offload_stats"] = _plain(stats())

@@ -16,7 +16,8 @@ What it measures, for the two ways memascend offloads:
   batch 1, fp32, AdamW) alone, twice: with its defaults (exact undo: a step's old versions
   kept aside until ``step()``) and with ``exact_undo=False, accumulation_steps=1`` (each
   update committed as it is made); its two stores' area size and stored bytes after each
-  step, and the bytes they wrote (store counters). The two must give the same losses.
+  step (their sum, and each store's at the step where the sum peaked: ``per_area``), and
+  the bytes they wrote (store counters). The two must give the same losses.
 
 ``swap_area_ratio`` of a run is the largest allocated / stored over its timed steps (1.0: no
 space beyond the state). The JSON ``summary``: ``swap_area_ratio`` (max over memascend's
@@ -128,11 +129,16 @@ def plain_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
     out = {"swap_area_ratio": area_ratio(timed, "swap_area", "swap_stored"),
            "swap_area_max": max(s["swap_area"] for s in timed),
            "swap_stored_max": max(s["swap_stored"] for s in timed),
+           # each tier's area and stored bytes after the timed step where the sum peaked
+           "per_area": max(timed, key=lambda s: s["swap_area"]).get("swap_areas"),
            "write_bytes_per_step": median(s["ssd_written"] for s in timed),
            "read_bytes_per_step": median(s["ssd_read"] for s in timed),
            "options": options, "losses": [s["loss"] for s in rec["steps"]]}
+    per = out["per_area"] or {}
     log(f"offload_model: wrote {fmt_bytes(out['write_bytes_per_step'])}/step, area "
-        f"{out['swap_area_ratio']:.3f}x its state")
+        f"{out['swap_area_ratio']:.3f}x its state (" + ", ".join(
+            f"{k} {fmt_bytes(v['area'])} for {fmt_bytes(v['stored'])}" for k, v in per.items())
+        + ")")
     return out
 
 

@@ -25,6 +25,10 @@ def test_plain_run_and_skipped_dropin(tmp_path):
     plain = doc["plain"]
     assert plain["swap_stored_max"] > 0 and plain["write_bytes_per_step"] > 0
     assert plain["swap_area_max"] >= plain["swap_stored_max"]
+    per = plain["per_area"]
+    assert set(per) == {"params", "optim"} and all(v["area"] >= v["stored"] > 0
+                                                    for v in per.values())
+    assert sum(v["area"] for v in per.values()) == plain["swap_area_max"]
     commit = doc["plain_commit"]
     assert commit["options"] == {"exact_undo": False, "accumulation_steps": 1}
     s = doc["summary"]
