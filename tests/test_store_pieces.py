@@ -201,3 +201,73 @@ def test_unaligned_sources_sizes_and_reopen(tmp_path, pool):
         with SwapStore(str(tmp_path / "s"), engine=eng, pool=pool, durable=False,
                        journal=False, piece_bytes=MIB) as again:
             assert torch.equal(again.read_tensor("odd").wait(60), src)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_writes_deletes_and_renames_keep_the_table_and_the_area_consistent(
+        tmp_path, pool, seed):
+    """Random overwrites (most the same size: in pieces), other sizes, deletes and renames,
+    several writes of a key in flight at once, writes landing in random order: after each
+    round every key holds the last value written to it, checksummed, and the extents of the
+    keys and the free list tile the area exactly."""
+    import random
+
+    from memascend.extents import round_up
+
+    rng = random.Random(seed)
+    kib = 1024
+
+    def jitter(op, path, offset, nbytes, done, res):
+        if op == "write":
+            time.sleep(rng.random() * 0.002)
+        return res
+
+    sizes = [40 * kib, 200 * kib + 12, 333 * kib]
+    model: dict[str, torch.Tensor] = {}
+    handles: dict[str, list] = {}
+    with SwapEngine(backend="threads", threads=4, fault=jitter) as eng, \
+            scratch(tmp_path / "s", eng, pool, piece_bytes=64 * kib,
+                    write_window=128 * kib) as store:
+        for rnd in range(12):
+            for _ in range(30):
+                op = rng.random()
+                key = f"k{rng.randrange(6)}"
+                if op < 0.75 or key not in model:
+                    n = model[key].numel() * 4 if key in model and rng.random() < 0.8 \
+                        else rng.choice(sizes)
+                    src = torch.randint(0, 1 << 20, (n // 4,)).float()
+                    handles.setdefault(key, []).append(store.write(key, src))
+                    model[key] = src
+                elif op < 0.85:
+                    if rng.random() < 0.5:  # else it may still be a first write in flight
+                        for h in handles.pop(key, []):
+                            h.wait(60)
+                    if key in store:
+                        store.delete(key)  # writes of it in flight lose
+                        del model[key]
+                else:
+                    new = f"k{rng.randrange(6)}"
+                    for k in (key, new):  # a rename wins over writes in flight: settle them
+                        for h in handles.pop(k, []):
+                            h.wait(60)
+                    store.rename(key, new)
+                    model[new] = model.pop(key)
+            for hs in handles.values():
+                for h in hs:
+                    h.wait(60)
+            handles.clear()
+            assert store.wait_idle(30)
+            assert sorted(store.keys()) == sorted(model)
+            for key, want in model.items():
+                assert store.info(key).crc is not None
+                assert torch.equal(store.read_tensor(key).wait(60), want), (rnd, key)
+            spans = sorted(s for k in model for s in store.info(k).spans())
+            tiles = sorted(spans + store._alloc.free_extents())
+            pos = 0
+            for off, n in tiles:
+                assert off == pos, (rnd, tiles)
+                pos += n
+            assert pos == store.stats().area_bytes
+            assert store.stats().used_bytes == sum(round_up(v.numel() * 4)
+                                                   for v in model.values())
+        assert store.stats().writes_pieced > 20
