@@ -476,7 +476,10 @@ class FusedAdam(UpdateJobs):
     def step(self, prefetch: Callable[[list[str]], None]) -> bool:
         """Commit the window: finish fused updates or undo them, start the updates from
         stored gradients (deferred windows, clipping), settled later (see :meth:`settle`).
-        Returns False when fp16 overflowed (the step is skipped).
+        Returns False when fp16 overflowed (the step is skipped). Without clipping and fp16
+        (nothing to undo at step()), a fused window's writes may still be landing when it
+        returns: the window is then committed by :meth:`settle` as a running step, and a
+        write that fails undoes it there.
 
         Raises
         ------
@@ -485,7 +488,9 @@ class FusedAdam(UpdateJobs):
             step's updates failed (that step is undone).
         """
         self.settle()
-        self.wait()
+        self.drain()
+        if self._error is not None or self.fp16 or self.max_grad_norm is not None:
+            self.wait()  # a rollback may follow: the window's writes must have landed
         self._raise_failure()
         if not self.declared and self.micro:
             self.window_len = self.micro  # learned: the next windows fuse at this length
@@ -517,7 +522,10 @@ class FusedAdam(UpdateJobs):
         record = self.updated
         self._new_window()
         if not todo:
-            self._commit(record)
+            if self._writes:  # landing behind step(): committed by settle(), as running
+                self._running = record  # updates are (nothing lazy: forward need not wait)
+            else:
+                self._commit(record)
             return True
         self._start_updates(todo, coef, record, prefetch)
         return True

@@ -342,9 +342,10 @@ class OffloadedModel:
         """Commit the optimizer step of the current window (see :mod:`memascend.fused`).
         Returns False if it was skipped (fp16 overflow); the loss scale is then halved.
         Updates that were not fused into backward (deferred or clipped windows) may still
-        be running when it returns (``overlap_step``): the next forward waits for each
-        parameter's own update, and anything else that reads the state (backward, save,
-        master, close) for all of them.
+        be running when it returns, and the writes of fused ones still landing
+        (``overlap_step``): the next forward waits for each parameter's own update (not for
+        writes: it uses the updated copies in memory), and anything else that reads the
+        state (backward, save, master, close) for all of them.
 
         Raises
         ------

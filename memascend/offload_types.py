@@ -46,8 +46,9 @@ class OffloadOptions:
     overlap_step:
         True (default): the updates that cannot be fused into backward, in deferred and
         clipped windows, run on the worker after ``step()`` returns, while the next
-        forward goes on, each module's forward waiting only for its own parameters;
-        False: ``step()`` returns when they are done.
+        forward goes on, each module's forward waiting only for its own parameters, and
+        the last writes of fused updates land meanwhile too; False: ``step()`` returns when
+        they are done.
     exact_undo:
         True (default): a step's updates keep the old versions aside until they are
         committed, so the SSD holds about twice the state during a step; False: each

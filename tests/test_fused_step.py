@@ -327,6 +327,47 @@ def test_a_failing_write_undoes_the_window(tmp_path):
         assert_same_weights(om, ref_next)
 
 
+def test_a_write_failing_after_step_returned_undoes_that_step(tmp_path):
+    """step() returns once a fused window's updates ran; their writes may land behind it,
+    overlapping the next forward. One that fails then is reported by the next call that
+    settles the step (here the next backward): the step is undone, the weights are those of
+    the step before, and training goes on."""
+    from memascend.engine import SwapEngine
+
+    armed = {"on": False, "n": 0}
+
+    def fault(op, path, offset, nbytes, done, res):
+        if op == "write" and armed["on"] and path.endswith("optim.swp"):
+            armed["n"] += 1
+            if armed["n"] == 2:
+                return -5  # EIO, after the write was issued
+        return res
+
+    model, ref = net(), Reference()
+    with SwapEngine(backend="threads", fault=fault) as eng, \
+            offload_model(model, str(tmp_path), budget="64KiB", optimizer=AdamW(lr=LR),
+                          accumulation_steps=1, engine=eng) as om:
+        run(om, model, ref, [1, 1])
+        armed["on"] = True
+        x, y = batch(60)
+        where = None
+        with pytest.raises(MemAscendError, match="failed") as ei:
+            where = "backward"
+            om.backward(loss_of(model, x, y))
+            where = "step"
+            om.step()  # the failure shows here or at the next backward
+            where = "next backward"
+            x, y = batch(61)
+            om.backward(loss_of(model, x, y))
+        assert where in ("step", "next backward") and "undone" in str(ei.value), where
+        armed["on"] = False
+        assert armed["n"] >= 2
+        om.zero_grad()
+        assert_same_weights(om, ref)
+        run(om, model, ref, [1, 1])
+        assert_same_weights(om, ref)
+
+
 @pytest.mark.parametrize("declared", [1, None])
 def test_torch_fused_adamw_kernel_is_bitwise_too(tmp_path, declared):
     """AdamW(fused=True): bitwise torch.optim.AdamW(fused=True) in memory, also through a
