@@ -55,9 +55,9 @@ class OffloadOptions:
         update is committed as it is made, about 1.1x, and nothing can be undone: clipped
         and fp16 windows run two-phase, a longer window or ``zero_grad()`` before ``step()``
         is an error, a failed update leaves the step partly applied (see
-        :class:`memascend.fused.FusedAdam`; a tensor over 8 MiB is overwritten in pieces,
-        so the one whose write failed may be part updated too, and the error names its
-        ranges).
+        :class:`memascend.fused.FusedAdam`; a tensor over 8 MiB is overwritten in pieces
+        unless a read of it is in flight, so the one whose write failed may be part updated
+        too, and the error names its ranges).
     activations:
         ``"ssd"``, ``"pinned"`` or None (default): where the tensors the model's forward
         saves for backward wait (:mod:`memascend.activations`; with activation

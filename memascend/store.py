@@ -298,7 +298,8 @@ class SwapStore(Writing, Pieces, AreaSpace, Exchange, Reading):
 
     def delete(self, key: str) -> None:
         """Forget ``key``; its extent is reused after the next sync (at once in a non-durable
-        store). A piecewise overwrite of ``key`` in flight (``piece_bytes``) is waited for.
+        store). Writes of ``key`` in flight lose (a piecewise one's pieces still to land are
+        given back). Never blocks.
 
         Raises
         ------
@@ -311,7 +312,6 @@ class SwapStore(Writing, Pieces, AreaSpace, Exchange, Reading):
         """
         self._check_open()
         with self._mu:
-            self._wait_pieces(key)
             e = self._table.get(key)
             if e is None:
                 raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r}")
@@ -334,7 +334,8 @@ class SwapStore(Writing, Pieces, AreaSpace, Exchange, Reading):
 
         A version ``new_key`` had is released as by an overwrite. A write of ``key`` still in
         flight loses to the rename (as it would to a delete); one of ``new_key`` loses too.
-        A piecewise overwrite of either in flight (``piece_bytes``) is waited for first.
+        A piecewise overwrite of ``key`` in flight (``piece_bytes``) is waited for first, so
+        ``new_key`` gets a whole version: do not rename from an I/O completion callback.
 
         Raises
         ------
@@ -349,7 +350,7 @@ class SwapStore(Writing, Pieces, AreaSpace, Exchange, Reading):
         if not isinstance(new_key, str) or not new_key:
             raise ValueError(f"new_key must be a non-empty string, got {new_key!r}")
         with self._mu:
-            self._wait_pieces(key, new_key)
+            self._wait_pieces(key)
             e = self._table.get(key)
             if e is None:
                 raise KeyNotFoundError(f"swap store {self.path} holds no key {key!r}")

@@ -81,7 +81,8 @@ class StoreConfig:
         the old version when it lands, so the area needs room for the pieces in flight
         rather than for the whole tensor (:mod:`memascend.store_pieces`). A piece that fails
         leaves its range at the old version and the rest new; the write's handle names the
-        ranges. ``offload_model(exact_undo=False)`` uses 8 MiB.
+        ranges. An overwrite issued while a read or another write of the key is in flight
+        stays atomic. ``offload_model(exact_undo=False)`` uses 8 MiB.
     bounce_bytes:
         Chunk size for bouncing unaligned memory through aligned leases (default 8 MiB).
     meta_dir:

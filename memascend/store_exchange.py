@@ -128,6 +128,8 @@ class Exchange:
         self._check_open()
         self.wait_idle()
         with self._mu:
+            # pieces ignore pins (reads of their key wait instead): none may be in flight
+            self._mu.wait_for(lambda: not self._pieced)
             self._sync_locked()
             entries = [e for e in self._table.values() if include is None or include(e.key)]
             seq = self._seq
@@ -184,6 +186,7 @@ class Exchange:
         entries, src_seq = read_export(src_path)  # damage is found before this area changes
         need = max((off + n for e in entries.values() for off, n in e.spans()), default=0)
         with self._mu:
+            self._mu.wait_for(lambda: not self._pieced)  # none lands into the new table
             if need > self._alloc.size:
                 if self._is_block or (self.config.capacity and need > self.config.capacity):
                     raise self._err(errno.ENOSPC, f"{src_path} needs {need} bytes, this area "

@@ -11,7 +11,8 @@ pieces in flight (the write window), not for the whole tensor. The price is atom
 piece that fails leaves its range at the previous version while the others are new, and the
 write's handle fails naming those ranges (the key stays readable; its checksum is unknown
 until it is written whole again). Reads of the key issued while its pieces are in flight
-wait for the last one and see the whole new version; a delete or rename waits for it too.
+wait for the last one and see the whole new version; a rename of the key waits for it too,
+and a delete wins over it (its pieces still to land are given back).
 A piecewise overwrite starts only when no other write of the key and no read of it is in
 flight (otherwise the write is an atomic one); a newer write issued meanwhile wins as usual.
 """
@@ -73,6 +74,7 @@ class _Pieced:
     left: int = 0  # pieces not over yet
     landed: int = 0  # bytes of pieces that switched the key
     failed: list = field(default_factory=list)  # (start, nbytes, exception)
+    replaced: bool = False  # a newer write, a delete or a rename took the key meanwhile
 
 
 class Pieces:
@@ -197,7 +199,8 @@ class Pieces:
             self.config.checksum == "crc32c" else None
         with self._mu:
             cur = self._table.get(part.key)
-            if cur is part.entry and part.landed:
+            part.replaced = cur is not part.entry  # by a newer write, a delete or a rename
+            if not part.replaced and part.landed:
                 self._table[part.key] = dataclasses.replace(cur, crc=crc)
             self._pieced.pop(part.key, None)
             self._counts["writes_pieced"] += 1
@@ -218,9 +221,13 @@ class Pieces:
         failed = sorted(part.failed, key=lambda f: f[0])
         first = failed[0][2]
         ranges = ", ".join(f"[{s}, {s + n})" for s, n, _e in failed)
-        where = (f"bytes {ranges} keep the previous version, the other "
-                 f"{part.landed} bytes are new, and the key is not checksummed until it is "
-                 "written again" if part.landed else "the key keeps its previous version")
+        if part.replaced:
+            where = "a newer write, a delete or a rename of the key replaced it meanwhile"
+        elif part.landed:
+            where = (f"bytes {ranges} keep the previous version, the other {part.landed} "
+                     "bytes are new, and the key is not checksummed until it is written again")
+        else:
+            where = "the key keeps its previous version"
         err = self._err(getattr(first, "errno", None) or errno.EIO,
                         f"write of {part.key!r} ({part.nbytes} bytes in {part.pieces} pieces): "
                         f"{len(failed)} failed ({first}); {where}", part.key,
@@ -229,15 +236,10 @@ class Pieces:
         return err
 
     # ---- what waits for a piecewise write ----
-    def _after_pieces(self, key: str, retry: Callable[[], SwapHandle],
-                      what: str) -> Optional[SwapHandle]:
-        """None when no piecewise write of ``key`` is in flight; else a handle for
-        ``retry()`` (a read) issued once it is over (counted as pending meanwhile)."""
-        with self._mu:
-            part = self._pieced.get(key)
-            if part is None:
-                return None
-            self._pending += 1
+    def _after_pieces(self, part: _Pieced, retry: Callable[[], SwapHandle],
+                      what: str) -> SwapHandle:
+        """A handle for ``retry()`` (a read, already counted as pending by
+        :meth:`_pin_entry`), issued once the piecewise write ``part`` is over."""
         out = SwapHandle(what)
 
         def run() -> None:
@@ -258,7 +260,7 @@ class Pieces:
         part.out.add_done_callback(go)
         return out
 
-    def _wait_pieces(self, *keys: str) -> None:
-        """Wait until no piecewise write of ``keys`` is in flight (lock held)."""
-        self._mu.wait_for(lambda: not any(k in self._pieced for k in keys))
+    def _wait_pieces(self, key: str) -> None:
+        """Wait until no piecewise write of ``key`` is in flight (lock held)."""
+        self._mu.wait_for(lambda: key not in self._pieced)
 

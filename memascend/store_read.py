@@ -78,15 +78,14 @@ class Reading:
         """
         self._check_open()
         addr, cap, room, keep, _dt, _sh = _memory_of(dst, writable=True)
-        later = self._after_pieces(key, lambda: self.read(key, dst), f"read of {key!r}")
-        if later is not None:  # its piecewise overwrite is in flight (store_pieces)
-            return later
 
         def fits(entry: Entry) -> None:
             if cap < entry.nbytes:
                 raise ValueError(f"destination holds {cap} bytes, {key!r} has {entry.nbytes}")
 
         entry = self._pin_entry(key, fits)
+        if not isinstance(entry, Entry):  # a piecewise overwrite of it is in flight: wait
+            return self._after_pieces(entry, lambda: self.read(key, dst), f"read of {key!r}")
         rounded = round_up(entry.nbytes)
         aligned = addr % ALIGN == 0
         space = room if room is not None else cap
@@ -99,15 +98,21 @@ class Reading:
         inner.add_done_callback(lambda h: self._read_done(h, entry, addr, out, keep))
         return out
 
-    def _pin_entry(self, key: str, check: Any) -> Entry:
+    def _pin_entry(self, key: str, check: Any) -> Any:
         """``key``'s entry, checked by ``check`` (raises ValueError) and pinned against reuse
         with the read counted as pending, in one step under the lock: an overwrite landing
-        in between cannot release the extents being read."""
+        in between cannot release the extents being read. When a piecewise overwrite of the
+        key is in flight (:mod:`memascend.store_pieces`: its pieces free old ranges without
+        looking at pins), nothing is pinned: the read is counted as pending and that write
+        returned instead, for the read to wait for."""
         with self._mu:
             entry = self.info(key)  # the lock is reentrant
-            check(entry)
-            self._pin(entry.offset)
+            check(entry)  # the new version has the same size: valid for it too
             self._pending += 1
+            part = self._pieced.get(key)
+            if part is not None:
+                return part
+            self._pin(entry.offset)
         return entry
 
     def _read_done(self, h: SwapHandle, entry: Entry, addr: int, out: SwapHandle,
@@ -159,11 +164,10 @@ class Reading:
                                  f"start must be a multiple of {ALIGN} and the range inside "
                                  "the tensor")
 
-        later = self._after_pieces(key, lambda: self.read_range(key, dst, start, nbytes),
-                                   f"read of {key!r}[{start}:{start + nbytes}]")
-        if later is not None:  # its piecewise overwrite is in flight (store_pieces)
-            return later
         entry = self._pin_entry(key, inside)
+        if not isinstance(entry, Entry):  # a piecewise overwrite of it is in flight: wait
+            return self._after_pieces(entry, lambda: self.read_range(key, dst, start, nbytes),
+                                      f"read of {key!r}[{start}:{start + nbytes}]")
         inner = self._transfer("read", dst.address, entry.spans(), start, round_up(nbytes), key)
         out = SwapHandle(f"read of {key!r}[{start}:{start + nbytes}]")
         unverified = dataclasses.replace(entry, crc=None, nbytes=nbytes)  # result: range size

@@ -96,7 +96,8 @@ class AreaSpace:
         :meth:`_allocate` does)."""
         spans = self._place_free(job.nbytes)
         if spans is None and not self._waits(job.nbytes):
-            spans = ((self._allocate(job.key, job.nbytes), round_up(job.nbytes)),)
+            spans = ((self._allocate(job.key, job.nbytes, job.part is None),
+                      round_up(job.nbytes)),)
         return spans
 
     def _place_free(self, nbytes: int) -> Optional[Spans]:
@@ -200,11 +201,12 @@ class AreaSpace:
             self._end()
             job.out.set_exception(exc)
 
-    def _allocate(self, key: str, nbytes: int) -> int:
+    def _allocate(self, key: str, nbytes: int, whole: bool = True) -> int:
         """An extent for ``nbytes`` (store lock held): reuse free space; reclaim quarantined
         extents (fsync) once they exceed ``sync_slack`` of the stored bytes, or when the
         filesystem has no space to spare; else grow; and when growing fails, reclaim
-        whatever is quarantined before giving up."""
+        whatever is quarantined before giving up. ``whole``: False for a piece of a
+        piecewise overwrite (its error then says so)."""
         off = self._alloc.alloc(nbytes)
         if off is None and self._quarantine:
             held = sum(n for _, n in self._quarantine)
@@ -217,17 +219,17 @@ class AreaSpace:
         if off is not None:
             return off
         try:
-            return self._grow_and_allocate(key, nbytes)
+            return self._grow_and_allocate(key, nbytes, whole)
         except SwapIOError:
             if not self._quarantine:
                 raise
             self._sync_locked()  # a full disk or capacity: reclaim before failing
             off = self._alloc.alloc(nbytes)
             if off is None:
-                return self._grow_and_allocate(key, nbytes)
+                return self._grow_and_allocate(key, nbytes, whole)
             return off
 
-    def _grow_and_allocate(self, key: str, nbytes: int) -> int:
+    def _grow_and_allocate(self, key: str, nbytes: int, whole: bool = True) -> int:
         need = round_up(nbytes)
         limit = self.config.capacity
         if self._is_block:
@@ -245,7 +247,8 @@ class AreaSpace:
             new = min(new, limit)
             if new - old + tail_free < need:
                 hint = (f"; overwriting {key!r} needs room for the old and new version at "
-                        "once (crash safety)" if key in self._table else "")
+                        "once (crash safety)" if whole and key in self._table else
+                        f"; a piece of a piecewise overwrite of {key!r}" if not whole else "")
                 raise self._err(errno.ENOSPC, f"store capacity {limit} bytes exhausted: "
                                 f"{self._alloc.used_bytes} used, cannot place {nbytes} bytes"
                                 + hint, key, nbytes=nbytes)

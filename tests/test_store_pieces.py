@@ -175,13 +175,11 @@ def test_a_newer_write_or_a_delete_meanwhile_wins_and_nothing_leaks(tmp_path, po
         assert store.wait_idle(10) and store.stats().used_bytes == 16 * MIB
         gate.clear()
         h3 = store.write("big", ramp(3))
-        deleter = threading.Thread(target=store.delete, args=("big",))
-        deleter.start()
-        time.sleep(0.1)
-        assert deleter.is_alive()  # waits for the piecewise write
+        store.delete("big")  # does not wait: the pieces still to land lose
+        assert "big" not in store and not h3.done()
         gate.set()
-        deleter.join(30)
         h3.wait(60)
+        assert store.wait_idle(10)
         assert "big" not in store and store.stats().used_bytes == 0
         assert store.stats().writes_pieced == 2
 
@@ -271,3 +269,131 @@ def test_random_writes_deletes_and_renames_keep_the_table_and_the_area_consisten
             assert store.stats().used_bytes == sum(round_up(v.numel() * 4)
                                                    for v in model.values())
         assert store.stats().writes_pieced > 20
+
+
+def test_a_read_in_flight_keeps_an_overwrite_atomic_and_bad_reads_raise_at_once(tmp_path,
+                                                                                 pool):
+    """Pieces free old ranges without looking at pins, so an overwrite issued while a read of
+    the key is in flight is written atomically; a read issued while pieces are in flight
+    checks its arguments at once (the new version has the same size) and then waits."""
+    gate = threading.Event()
+
+    def fault(op, path, offset, nbytes, done, res):
+        if not gate.is_set():
+            gate.wait(30)
+        return res
+
+    with SwapEngine(backend="threads", threads=8, fault=fault) as eng, \
+            scratch(tmp_path / "s", eng, pool, write_window=64 * MIB) as store:
+        gate.set()
+        store.write("big", ramp(0)).wait(60)
+        gate.clear()
+        dst = torch.empty(N)
+        r = store.read("big", dst)  # held in flight: the entry is pinned
+        w = store.write("big", ramp(1))
+        gate.set()
+        r.wait(60)
+        w.wait(60)
+        assert torch.equal(dst, ramp(0)) and store.stats().writes_pieced == 0
+        gate.clear()
+        w = store.write("big", ramp(2))  # in pieces
+        with pytest.raises(ValueError, match="destination holds"):
+            store.read("big", torch.empty(16))
+        lease = pool.lease(MIB)
+        with pytest.raises(ValueError, match="range"):
+            store.read_range("big", lease, 100, MIB)
+        lease.release()
+        gate.set()
+        w.wait(60)
+        assert store.stats().writes_pieced == 1
+        assert torch.equal(store.read_tensor("big").wait(60), ramp(2))
+
+
+def test_export_waits_for_pieces_in_flight_and_copies_whole_versions(tmp_path, pool,
+                                                                     monkeypatch):
+    """An overwrite in pieces issued right after export() waited for the I/O in flight (as
+    another thread could) must not free the extents the export copies: the export waits for
+    it under the lock, and the copy holds whole versions."""
+    import memascend.store_exchange as exchange
+
+    with SwapEngine(backend="threads") as eng:
+        with scratch(tmp_path / "s", eng, pool) as store:
+            store.write("big", ramp(0)).wait(60)
+            store.write("small", torch.ones(1024)).wait(60)
+            issued = []
+            real_wait, real_copy = store.wait_idle, exchange._copy_range
+
+            def wait_idle(timeout=None):
+                done = real_wait(timeout)
+                if not issued:
+                    issued.append(store.write("big", ramp(5)))
+                return done
+
+            def copy(*args, **kw):
+                issued[0].wait(60)  # the pieces land before the copy reads
+                return real_copy(*args, **kw)
+
+            monkeypatch.setattr(store, "wait_idle", wait_idle)
+            monkeypatch.setattr(exchange, "_copy_range", copy)
+            store.export(str(tmp_path / "x"))
+            monkeypatch.undo()
+        with SwapStore(str(tmp_path / "x"), engine=eng, pool=pool) as copy_of:
+            assert torch.equal(copy_of.read_tensor("big").wait(60), ramp(5))  # checksummed
+            assert torch.equal(copy_of.read_tensor("small").wait(60), torch.ones(1024))
+
+
+def test_a_failed_piece_after_a_newer_write_won_says_so(tmp_path, pool):
+    gate = threading.Event()
+    count = {"n": 0}
+    lock = threading.Lock()
+
+    def fault(op, path, offset, nbytes, done, res):
+        if op == "write" and nbytes == MIB and not gate.is_set():
+            gate.wait(30)
+            with lock:
+                count["n"] += 1
+                if count["n"] == 3:
+                    return -5
+        return res
+
+    with SwapEngine(backend="threads", threads=20, fault=fault) as eng, \
+            scratch(tmp_path / "s", eng, pool, write_window=64 * MIB) as store:
+        gate.set()
+        store.write("big", ramp(0)).wait(60)
+        gate.clear()
+        leases = []
+        for v in (1, 2):
+            lease = pool.lease(16 * MIB)
+            lease.as_tensor(torch.float32, (N,)).copy_(ramp(v))
+            leases.append(lease)
+        w1 = store.write("big", leases[0], dtype="float32", shape=(N,))  # in pieces, held
+        w2 = store.write("big", leases[1], dtype="float32", shape=(N,))  # atomic: lands
+        w2.wait(60)
+        gate.set()
+        with pytest.raises(SwapIOError, match="newer write, a delete or a rename"):
+            w1.wait(60)
+        assert store.wait_idle(10)
+        assert store.info("big").crc is not None
+        assert torch.equal(store.read_tensor("big").wait(60), ramp(2))
+        assert store.stats().used_bytes == 16 * MIB
+        for lease in leases:
+            lease.release()
+
+
+def test_a_delete_from_a_completion_callback_does_not_wait_for_pieces(tmp_path, pool):
+    """A delete never blocks, so one called from an I/O completion (on the engine's own
+    completion thread with io_uring) cannot wait for pieces whose completions need that
+    thread; the pieces still to land lose and give their extents back."""
+    with SwapEngine() as eng, scratch(tmp_path / "s", eng, pool) as store:
+        store.write("big", ramp(0)).wait(60)
+        store.write("small", torch.zeros(1024)).wait(60)
+        done = threading.Event()
+        h = store.write("big", ramp(1))  # in pieces (16 x 1 MiB, window 2 MiB)
+        lease = pool.lease(4096)
+        store.read("small", lease).add_done_callback(
+            lambda _h: (store.delete("big"), done.set()))
+        assert done.wait(30)
+        h.wait(60)
+        lease.release()
+        assert store.wait_idle(10) and "big" not in store
+        assert store.stats().used_bytes == 4096
