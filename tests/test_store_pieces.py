@@ -10,6 +10,7 @@ the store still closes and reopens.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -20,6 +21,7 @@ from memascend.engine import SwapEngine
 from memascend.errors import ConfigError, SwapIOError
 from memascend.store import StoreConfig, SwapStore
 from memascend.store_pieces import replace_range
+from test_store_queue import gated_writes
 
 MIB = 1 << 20
 N = 16 * MIB // 4  # float32 elements of the big tensor (16 MiB)
@@ -37,14 +39,24 @@ def scratch(path, eng, pool, **kw):
     return SwapStore(str(path), **opts)
 
 
-def gated():
-    gate = threading.Event()
-
-    def fault(op, path, offset, nbytes, done, res):
-        if op == "write" and not gate.is_set():
-            gate.wait(30)
-        return res
-    return gate, fault
+@contextlib.contextmanager
+def held_store(tmp_path, pool, hold=None, threads=4, **options):
+    """A scratch store holding ``big`` (``ramp(0)``) whose writes from now on are held
+    until the gate is set (``hold(gate)``: another fault injector built on the gate)."""
+    if hold is None:
+        gate, fault = gated_writes()
+    else:
+        gate = threading.Event()
+        fault = hold(gate)
+    gate.set()
+    with SwapEngine(backend="threads", threads=threads, fault=fault) as eng, \
+            scratch(tmp_path / "s", eng, pool, **options) as store:
+        store.write("big", ramp(0)).wait(60)
+        gate.clear()
+        try:
+            yield store, gate
+        finally:
+            gate.set()
 
 
 def slow(op, path, offset, nbytes, done, res):
@@ -105,12 +117,7 @@ def test_the_area_needs_room_for_pieces_in_flight_not_for_the_tensor(tmp_path, p
 
 
 def test_a_read_issued_meanwhile_waits_for_the_whole_new_version(tmp_path, pool):
-    gate, fault = gated()
-    with SwapEngine(backend="threads", fault=fault) as eng, \
-            scratch(tmp_path / "s", eng, pool) as store:
-        gate.set()
-        store.write("big", ramp(0)).wait(60)
-        gate.clear()
+    with held_store(tmp_path, pool) as (store, gate):
         h = store.write("big", ramp(7))
         dst = torch.empty(N)
         r = store.read("big", dst)
@@ -160,12 +167,7 @@ def test_a_failed_piece_fails_the_write_naming_its_range_and_keeps_it_old(tmp_pa
 
 
 def test_a_newer_write_or_a_delete_meanwhile_wins_and_nothing_leaks(tmp_path, pool):
-    gate, fault = gated()
-    with SwapEngine(backend="threads", fault=fault) as eng, \
-            scratch(tmp_path / "s", eng, pool) as store:
-        gate.set()
-        store.write("big", ramp(0)).wait(60)
-        gate.clear()
+    with held_store(tmp_path, pool) as (store, gate):
         h1 = store.write("big", ramp(1))  # in pieces
         h2 = store.write("big", ramp(2))  # atomic: a write of the key is in flight
         gate.set()
@@ -276,18 +278,15 @@ def test_a_read_in_flight_keeps_an_overwrite_atomic_and_bad_reads_raise_at_once(
     """Pieces free old ranges without looking at pins, so an overwrite issued while a read of
     the key is in flight is written atomically; a read issued while pieces are in flight
     checks its arguments at once (the new version has the same size) and then waits."""
-    gate = threading.Event()
+    def hold_all(gate):
+        def fault(op, path, offset, nbytes, done, res):
+            if not gate.is_set():
+                gate.wait(30)
+            return res
+        return fault
 
-    def fault(op, path, offset, nbytes, done, res):
-        if not gate.is_set():
-            gate.wait(30)
-        return res
-
-    with SwapEngine(backend="threads", threads=8, fault=fault) as eng, \
-            scratch(tmp_path / "s", eng, pool, write_window=64 * MIB) as store:
-        gate.set()
-        store.write("big", ramp(0)).wait(60)
-        gate.clear()
+    with held_store(tmp_path, pool, hold_all, threads=8, write_window=64 * MIB) as \
+            (store, gate):
         dst = torch.empty(N)
         r = store.read("big", dst)  # held in flight: the entry is pinned
         w = store.write("big", ramp(1))
@@ -343,24 +342,24 @@ def test_export_waits_for_pieces_in_flight_and_copies_whole_versions(tmp_path, p
 
 
 def test_a_failed_piece_after_a_newer_write_won_says_so(tmp_path, pool):
-    gate = threading.Event()
+    """A piece failing after a newer (atomic) write took the key: the older write fails
+    saying so, and the key holds the newer version, checksummed, with nothing leaked."""
     count = {"n": 0}
     lock = threading.Lock()
 
-    def fault(op, path, offset, nbytes, done, res):
-        if op == "write" and nbytes == MIB and not gate.is_set():
-            gate.wait(30)
-            with lock:
-                count["n"] += 1
-                if count["n"] == 3:
-                    return -5
-        return res
+    def hold_and_fail_third(gate):
+        def fault(op, path, offset, nbytes, done, res):
+            if op == "write" and nbytes == MIB and not gate.is_set():
+                gate.wait(30)
+                with lock:
+                    count["n"] += 1
+                    if count["n"] == 3:
+                        return -5
+            return res
+        return fault
 
-    with SwapEngine(backend="threads", threads=20, fault=fault) as eng, \
-            scratch(tmp_path / "s", eng, pool, write_window=64 * MIB) as store:
-        gate.set()
-        store.write("big", ramp(0)).wait(60)
-        gate.clear()
+    with held_store(tmp_path, pool, hold_and_fail_third, threads=20,
+                    write_window=64 * MIB) as (store, gate):
         leases = []
         for v in (1, 2):
             lease = pool.lease(16 * MIB)
