@@ -118,9 +118,18 @@ def _stats_dict(s: Any) -> dict[str, Any]:
     return d
 
 
-def _memascend_step(i: int, model: Any, om: Any, meter: LeaseMeter, ids: Any) -> dict[str, Any]:
-    """One timed training step and its swapper, I/O and CPU deltas."""
-    ps0, os0, io0 = om.params_sw.stats(), om.optim_sw.stats(), proc_io()
+def _counters(om: Any) -> tuple[Any, Any, tuple[int, int]]:
+    return om.params_sw.stats(), om.optim_sw.stats(), proc_io()
+
+
+def _memascend_step(i: int, model: Any, om: Any, meter: LeaseMeter, ids: Any,
+                    before: tuple[Any, Any, tuple[int, int]],
+                    last: bool) -> tuple[dict[str, Any], tuple[Any, Any, tuple[int, int]]]:
+    """One timed training step and its swapper, I/O and CPU deltas, and the counters at its
+    end. Counters are taken once per step boundary (``before``: the previous step's end), so
+    the writes a step leaves landing behind ``step()`` count in the window they land in; the
+    last step's are waited for after its time is taken (``om.synchronize()``)."""
+    ps0, os0, io0 = before
     cpu0, lease0, maps0 = cpu_seconds(), meter.snapshot(), meter.mappings()
     t0 = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
@@ -129,8 +138,10 @@ def _memascend_step(i: int, model: Any, om: Any, meter: LeaseMeter, ids: Any) ->
     t2 = time.perf_counter()
     om.step()
     t3 = time.perf_counter()
-    ps1, os1, io1 = om.params_sw.stats(), om.optim_sw.stats(), proc_io()
     cpu1, lease1 = cpu_seconds(), meter.snapshot()
+    if last:
+        om.synchronize()
+    ps1, os1, io1 = after = _counters(om)
     rec = {"step": i + 1, "seconds": t3 - t0, "forward_s": t1 - t0, "backward_s": t2 - t1,
            "optimizer_s": t3 - t2, "loss": float(loss.detach()),
            "bytes_read": ps1.bytes_read - ps0.bytes_read + os1.bytes_read - os0.bytes_read,
@@ -148,7 +159,7 @@ def _memascend_step(i: int, model: Any, om: Any, meter: LeaseMeter, ids: Any) ->
         rec[f"{tier}_late"] = b.late - a.late
         rec[f"{tier}_misses"] = b.misses - a.misses
         rec[f"{tier}_budget_waits"] = b.budget_waits - a.budget_waits
-    return rec
+    return rec, after
 
 
 def child_memascend(spec: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +185,11 @@ def child_memascend(spec: dict[str, Any]) -> dict[str, Any]:
     meter = LeaseMeter(om.pool, om.optim_pool)
     steps = []
     try:
+        counters = _counters(om)
         for i in range(spec["steps"]):
             ids = _corpus_ids(corpus, gen, spec["batch"], spec["seq_len"])
-            rec = _memascend_step(i, model, om, meter, ids)
+            rec, counters = _memascend_step(i, model, om, meter, ids, counters,
+                                            last=i == spec["steps"] - 1)
             steps.append(rec)
             print(f"  memascend step {i + 1}/{spec['steps']}: {rec['seconds']:.1f} s "
                   f"(fwd {rec['forward_s']:.1f}, bwd {rec['backward_s']:.1f}, step "

@@ -123,8 +123,9 @@ def print_report(doc: dict[str, Any]) -> None:
     bw, c = doc["bandwidth"], doc["compute"]
     print(f"disk: write {bw['write'] / GiB:.2f} GiB/s, read {bw['read'] / GiB:.2f} GiB/s; "
           f"compute per step {c['seconds']:.1f} s (whole model, weights in RAM: fwd+bwd "
-          f"{c['forward_backward_s']:.1f}, AdamW {c['adamw_s']:.1f}); 'others' = CPU s other "
-          f"processes and steal used per step")
+          f"{c['forward_backward_s']:.1f}, AdamW {c['adamw_s']:.1f}, overlapped on "
+          f"{c['cores']} cores; {c['serial_seconds']:.1f} s one after the other); 'others' = "
+          f"CPU s other processes and steal used per step")
     if c["others_cores_during_best"] > 0.2:
         print(f"warning: other processes used {c['others_cores_during_best']:.2f} cores on average "
               f"during the compute measurement: the compute time (and the efficiency) is inflated")

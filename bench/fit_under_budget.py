@@ -62,8 +62,11 @@ How:
   parameter of the model, as ``om.step()`` calls it. Each is the fastest of 4 timed runs (2 per
   round after a warm-up; ``--quick`` 2, 1 per round): the least disturbed by the other users
   of the 2 cores. ``others_cores_during_best`` says how many cores others still used during
-  the runs kept (above ~0.2 the compute is inflated and a warning is printed). Copies into
-  pinned buffers, CRC32C and swapper bookkeeping are not compute.
+  the runs kept (above ~0.2 the compute is inflated and a warning is printed). The compute
+  bound of a step is max(forward + backward, AdamW, their CPU-seconds over the cores): the
+  fused step overlaps AdamW with backward, so their sum (``serial_seconds``, the bound until
+  session 15) is not one (``bench/_fit_bounds.py``). Copies into pinned buffers, CRC32C and
+  swapper bookkeeping are not compute.
 * **Overlap efficiency** = max(compute, I/O bound) / step time (median over the measured
   steps, ``bench/_fit_report.py``): 1.0 when the smaller of compute and I/O is completely
   hidden behind the larger. Goal: >= 0.8. A step faster than its own bound means an estimate

@@ -385,6 +385,19 @@ class OffloadedModel:
                                 for k in (f"g/{n}", f"master/{n}", f"m/{n}", f"v/{n}")
                                 if k in self.optim_store])
 
+    def synchronize(self) -> None:
+        """Wait until the last step is done: the updates ``step()`` left running and the
+        writes still landing, then commit it. Training does not need it (the next backward,
+        ``save()``, ``master()`` and ``close()`` do the same); it is for timing a step with
+        everything it moves, or reading counters (:meth:`stats`) that include its writes.
+
+        Raises
+        ------
+        MemAscendError
+            The step failed after ``step()`` returned and was undone (see :meth:`step`).
+        """
+        self._fused.settle()
+
     def stats(self) -> OffloadStats:
         """A snapshot of the counters (see :class:`OffloadStats`)."""
         stores = (self.param_store.stats(), self.optim_store.stats())

@@ -368,6 +368,27 @@ def test_a_write_failing_after_step_returned_undoes_that_step(tmp_path):
         assert_same_weights(om, ref)
 
 
+def test_synchronize_commits_the_step_with_its_writes(tmp_path):
+    """om.synchronize() waits for the writes a fused window left landing behind step() and
+    commits it: the old versions kept aside for the undo are gone and the counters hold the
+    step's writes."""
+    model, ref = net(), Reference()
+    with offload_model(model, str(tmp_path), budget="64KiB", optimizer=AdamW(lr=LR),
+                       accumulation_steps=1) as om:
+        run(om, model, ref, [1, 1])
+        om.synchronize()
+        written = om.stats().ssd_written
+        x, y = batch(70)
+        om.backward(loss_of(model, x, y))
+        om.step()
+        om.synchronize()
+        keys = om.param_store.keys() + om.optim_store.keys()
+        assert not [k for k in keys if k.endswith("~")]
+        n = sum(p.numel() for p in model.parameters())
+        assert om.stats().ssd_written - written >= 3 * 4 * n  # weights, m and v
+        om.synchronize()  # nothing running: a no-op
+
+
 @pytest.mark.parametrize("declared", [1, None])
 def test_torch_fused_adamw_kernel_is_bitwise_too(tmp_path, declared):
     """AdamW(fused=True): bitwise torch.optim.AdamW(fused=True) in memory, also through a
