@@ -469,7 +469,9 @@ class OffloadedModel:
 
     # ---- lifecycle ----
     def training_state_bytes(self) -> dict[str, int]:
-        """Bytes of the training state on SSD, per tier, and what in-memory training needs."""
+        """Bytes of the training state on SSD, per tier, and what in-memory training needs
+        (the last step committed first: :meth:`synchronize`)."""
+        self._fused.settle()
         n = sum(math.prod(s) for s in self._shapes.values())
         esize = torch.empty((), dtype=self.compute_dtype).element_size()
         return {"parameters": n, "param_tier_bytes": self.param_store.stats().stored_bytes,

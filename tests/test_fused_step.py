@@ -102,8 +102,10 @@ def test_declared_window_fuses_every_step_and_maps_nothing_new(tmp_path):
     with offload_model(model, str(tmp_path), budget="64KiB", optimizer_budget="256KiB",
                        optimizer=AdamW(lr=LR), accumulation_steps=1) as om:
         run(om, model, ref, [1])
+        om.synchronize()  # the step's last writes land behind step()
         before = om.stats()
         run(om, model, ref, [1] * 5)
+        om.synchronize()
         after = om.stats()
         assert after.arenas_mapped == before.arenas_mapped  # steady state: no new mapping
         assert after.locked_bytes == before.locked_bytes
@@ -348,6 +350,7 @@ def test_a_write_failing_after_step_returned_undoes_that_step(tmp_path):
             offload_model(model, str(tmp_path), budget="64KiB", optimizer=AdamW(lr=LR),
                           accumulation_steps=1, engine=eng) as om:
         run(om, model, ref, [1, 1])
+        om.synchronize()  # the last step's writes have landed: the fault hits the next one
         armed["on"] = True
         x, y = batch(60)
         where = None

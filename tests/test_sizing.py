@@ -229,9 +229,11 @@ def test_offload_rules_match_a_real_offload_model(tmp_path):
             for _ in range(2):
                 om.backward(model(x).pow(2).mean())
                 om.step()
+            om.synchronize()  # the step's last writes land behind step()
             s0 = om.stats()
             om.backward(model(x).pow(2).mean())
             om.step()
+            om.synchronize()
             s1 = om.stats()
             stored = (om.param_store.stats().stored_bytes, om.optim_store.stats().stored_bytes)
             pinned = (om.pool.stats().reserved_peak, om.optim_pool.stats().reserved_peak)
