@@ -12,7 +12,9 @@ writes of each ``--sizes`` byte count, one per 4 KiB block, fsyncs, and compares
 ``write_bytes`` delta of ``/proc/self/io`` with the delta of the sectors written by the
 block device that holds ``--dir`` (``/sys/dev/block/MAJ:MIN/stat``). The device counter is
 device-wide: run it on a quiet machine (other writers inflate it; the repetitions show the
-noise). Sizes run in turn, ``--reps`` times each.
+noise); the process counter counts any page this process writes meanwhile too (a first run
+writes bytecode caches), so use enough ``--writes`` to make one page negligible. Sizes run
+in turn, ``--reps`` times each.
 
 Usage: ``bench/subblock_writes.py [--dir /var/tmp] [--sizes 3072,4096] [--writes 4096]
 [--reps 2] [--json PATH]``.

@@ -1,6 +1,7 @@
 """Smoke test of bench/subblock_writes.py on a few writes: the JSON's shape and the counter
-of /proc/self/io (exact: it counts the requested lengths). The device-side figure is
-device-wide and noisy, so only its presence is checked; the headline is in bench/RESULTS.md."""
+of /proc/self/io (the requested lengths, give or take a page the process writes meanwhile).
+The device-side figure is device-wide and noisy, so only its presence is checked; the
+headline is in bench/RESULTS.md."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "subblock_writes.py"
 
 def test_counts_and_json(tmp_path):
     out = tmp_path / "sub.json"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(tmp_path), "--writes", "8",
+    run = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(tmp_path), "--writes", "64",
                           "--reps", "1", "--sizes", "1024,4096", "--json", str(out)],
                          capture_output=True, text=True, timeout=120)
     if run.returncode and ("block device" in run.stderr or "O_DIRECT" in run.stderr):
@@ -23,8 +24,10 @@ def test_counts_and_json(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "subblock_writes" and len(doc["runs"]) == 2
-    assert doc["summary"]["1024"]["counted_per_write"] == 1024
-    assert doc["summary"]["4096"]["counted_per_write"] == 4096
+    # the counter is the whole process's: a stray page written meanwhile (a clean clone's
+    # first run writes bytecode caches) adds 4096 / 64 = 64 B per write
+    for size in (1024, 4096):
+        assert size <= doc["summary"][str(size)]["counted_per_write"] < size + 256
     assert all(r["device_per_write"] >= 0 for r in doc["runs"])
 
 
