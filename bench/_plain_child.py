@@ -64,16 +64,15 @@ def _model(spec: dict[str, Any]) -> Any:
 
 
 def _tier_counts(om: Any) -> dict[str, int]:
-    stores = [om.param_store, om.optim_store]
-    r = sum(s.stats().bytes_read for s in stores)
-    w = sum(s.stats().bytes_written for s in stores)
+    stats = {"params": om.param_store.stats(), "optim": om.optim_store.stats()}  # once each
+    st = stats.values()
     ps = om.pool.stats()
-    return {"read": r, "written": w, "mapped": ps.arenas_mapped_total, "locked": ps.locked,
-            "leases": ps.leases_total, "area": sum(s.stats().area_bytes for s in stores),
-            "stored": sum(s.stats().stored_bytes for s in stores),
-            "areas": {name: {"area": s.stats().area_bytes, "stored": s.stats().stored_bytes,
-                             "pieced": getattr(s.stats(), "writes_pieced", 0)}
-                      for name, s in zip(("params", "optim"), stores)}}
+    return {"read": sum(s.bytes_read for s in st), "written": sum(s.bytes_written for s in st),
+            "mapped": ps.arenas_mapped_total, "locked": ps.locked, "leases": ps.leases_total,
+            "area": sum(s.area_bytes for s in st), "stored": sum(s.stored_bytes for s in st),
+            "areas": {name: {"area": s.area_bytes, "stored": s.stored_bytes,
+                             "pieced": getattr(s, "writes_pieced", 0)}
+                      for name, s in stats.items()}}
 
 
 def main(spec_path: str) -> int:

@@ -23,7 +23,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .extents import ALIGN, round_up
+from .extents import round_up
 from .handle import SwapHandle
 from .manifest import Entry
 from .store_read import crc32c
@@ -136,18 +136,9 @@ class Pieces:
     def _launch_piece(self, job: _Write, spans: Spans) -> None:
         """Start one piece's I/O (no lock held). Never raises: a piece that cannot start
         fails its own handle, and so the whole write."""
-        rounded = round_up(job.nbytes)
-        aligned = job.addr % ALIGN == 0
         try:
-            if aligned and (job.nbytes == rounded or (job.room or 0) >= rounded):
-                inner = self._transfer("write", job.addr, spans, 0, rounded, job.key)
-            else:
-                inner = self._bounced(job.key, "write", job.addr, job.nbytes, spans, job.keep,
-                                      direct_len=job.nbytes // ALIGN * ALIGN if aligned else 0)
+            inner = self._start_write(job, spans)
         except BaseException as exc:  # noqa: BLE001 - handed to the piece's handle
-            with self._mu:
-                self._free_spans(spans)
-                self._landed(job)
             self._end()
             job.out.set_exception(exc)
             return

@@ -105,20 +105,26 @@ class Writing:
         entry = Entry(job.key, spans[0][0], job.nbytes, job.dtype, job.shape, None, job.seq,
                       extents=spans if len(spans) > 1 else None)
         # crc: with checksums on, computed on the completion thread (_write_done)
+        self._start_write(job, spans).add_done_callback(
+            lambda h: self._write_done(h, entry, job))
+
+    def _start_write(self, job: "_Write", spans: Spans) -> SwapHandle:
+        """Move a placed write's bytes (a whole write's or a piece's) into ``spans``: directly
+        from aligned memory holding whole blocks, else through bounce leases. On a failure to
+        start, the extents and the in-flight accounting are given back and the error
+        raised."""
         rounded = round_up(job.nbytes)
         aligned = job.addr % ALIGN == 0
         try:
-            if aligned and job.room is not None and job.room >= rounded:
-                inner = self._transfer("write", job.addr, spans, 0, rounded, job.key)
-            else:
-                inner = self._bounced(job.key, "write", job.addr, job.nbytes, spans, job.keep,
-                                      direct_len=job.nbytes // ALIGN * ALIGN if aligned else 0)
+            if aligned and (job.nbytes == rounded or (job.room or 0) >= rounded):
+                return self._transfer("write", job.addr, spans, 0, rounded, job.key)
+            return self._bounced(job.key, "write", job.addr, job.nbytes, spans, job.keep,
+                                 direct_len=job.nbytes // ALIGN * ALIGN if aligned else 0)
         except BaseException:
             with self._mu:
                 self._free_spans(spans)
                 self._landed(job)
             raise
-        inner.add_done_callback(lambda h: self._write_done(h, entry, job))
 
     def _write_done(self, h: SwapHandle, entry: Entry, job: "_Write") -> None:
         exc = h.exception(0)
